@@ -1,0 +1,174 @@
+"""Assembles a run from a recipe: data, model, EMA, optimizer, schedule, loaders, for this process."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+from . import data, model as models
+from .checkpoint import Checkpointer
+from .distributed import World
+from .errors import UserError
+from .logs import MetricsLog
+from .optim import BatchPlan, TrainLoss, create_optimizer, create_scheduler, plan_batch, total_epochs
+from .recipe import Recipe
+
+
+@dataclass
+class TrainState:
+    """Where the run is; everything else about the position is derived from this."""
+    epoch: int = 0
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # over all ranks, all epochs
+    samples_in_epoch: int = 0  # over all ranks, this epoch
+    loss_sum: float = 0.0  # finite train losses of this epoch, summed, and how many
+    loss_count: int = 0
+    best_top1: Optional[float] = None
+    best_epoch: Optional[int] = None
+    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
+
+
+@dataclass
+class EvalSet:
+    name: str  # '' for the recipe's eval size, '@448' for the extra ones
+    img_size: int
+    crop_pct: float
+    loader: torch.utils.data.DataLoader
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    world: World
+    plan: BatchPlan
+    run_dir: Path
+    module: torch.nn.Module  # the plain model: state_dict, EMA, evaluation
+    model: torch.nn.Module  # what trains: maybe compiled, maybe DDP-wrapped
+    ema: Optional[ModelEmaV3]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    train_sampler: data.EpochSampler
+    train_loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    evals: list
+    normalize: data.DeviceNormalize
+    augment: data.BatchAugment
+    checkpointer: Checkpointer
+    metrics: MetricsLog
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def epochs(self) -> int:
+        return total_epochs(self.recipe.schedule)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.plan.global_batch
+
+    def autocast(self):
+        return autocast(self.recipe.train.amp, self.world.device)
+
+    def no_sync(self, finishing: bool):
+        """Skip DDP's gradient all-reduce on accumulation micro-steps."""
+        if finishing or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]['lr']
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == 'none':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+
+
+def check_amp(amp: str, device: torch.device):
+    if amp == 'fp16' and device.type != 'cuda':
+        raise UserError('train.amp fp16 needs a CUDA device; use bf16 or none on CPU (--set train.amp=none)')
+
+
+def set_determinism(deterministic: bool):
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, batch_size: int) -> list[EvalSet]:
+    cfg = recipe.data
+    sizes = [('', cfg.eval_img_size or cfg.img_size, cfg.crop_pct)]
+    sizes += [(f'@{int(size)}', int(size), float(crop)) for size, crop in cfg.extra_evals]
+    sets = []
+    for name, size, crop in sizes:
+        dataset = data.TransformedDataset(source, data.eval_transform(size, crop, cfg.interpolation, norm))
+        sampler = data.ShardSampler(len(source), world.rank, world.size)
+        loader = data.make_loader(dataset, sampler, batch_size, cfg.num_workers, drop_last=False,
+                                  pin_memory=world.device.type == 'cuda')
+        sets.append(EvalSet(name, size, crop, loader))
+    return sets
+
+
+def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optional[int] = None,
+              per_device_batch: Optional[int] = None) -> Run:
+    train_cfg = recipe.train
+    check_amp(train_cfg.amp, world.device)
+    set_determinism(train_cfg.deterministic)
+    data.seed_everything(train_cfg.seed)  # same initial weights on every rank
+
+    train_source = data.open_source(recipe.data, 'train', train_cfg.seed)
+    val_source = data.open_source(recipe.data, recipe.data.val_split, train_cfg.seed)
+    num_classes = recipe.model.num_classes or getattr(train_source, 'num_classes', None)
+    if not num_classes:
+        raise UserError(f'cannot tell the number of classes of {recipe.data.dataset}; set model.num_classes')
+
+    module = models.create(recipe.model, num_classes)
+    norm = data.resolve_normalization(recipe.data, module)
+    module = models.prepare(module, world.device, train_cfg.channels_last)
+    plan = plan_batch(recipe, world.size, global_batch, per_device_batch)
+    ema = None
+    if recipe.ema.enabled:
+        ema = ModelEmaV3(module, decay=plan.ema_decay, use_warmup=recipe.ema.warmup,
+                         update_after_step=plan.ema_start_step)
+
+    train_sampler = data.EpochSampler(len(train_source), world.rank, world.size, train_cfg.seed,
+                                      recipe.aug.aug_repeats)
+    steps_per_epoch = len(train_sampler) // plan.per_device // plan.accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
+                        f'batch of {plan.global_batch}; lower train.global_batch_size')
+    train_loader = data.make_loader(
+        data.TransformedDataset(train_source, data.train_transform(recipe.data, recipe.aug, norm)),
+        train_sampler, plan.per_device, recipe.data.num_workers, drop_last=True,
+        pin_memory=world.device.type == 'cuda')
+
+    optimizer = create_optimizer(module, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
+    scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
+    model = module
+    if train_cfg.sync_bn and world.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if train_cfg.compile:
+        model = torch.compile(model)
+    if world.distributed:
+        model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None)
+
+    return Run(
+        recipe=recipe, world=world, plan=plan, run_dir=Path(run_dir), module=module, model=model, ema=ema,
+        optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(world.device.type, enabled=train_cfg.amp == 'fp16'),
+        loss_fn=TrainLoss(recipe.loss), train_sampler=train_sampler, train_loader=train_loader,
+        steps_per_epoch=steps_per_epoch, evals=eval_sets(recipe, val_source, norm, world, plan.per_device),
+        normalize=data.DeviceNormalize(norm, world.device, train_cfg.channels_last),
+        augment=data.BatchAugment(recipe.aug, num_classes, recipe.loss.smoothing, world.device),
+        checkpointer=Checkpointer(Path(run_dir) / 'checkpoints', train_cfg.keep_checkpoints, world.is_main),
+        metrics=MetricsLog(Path(run_dir), world.is_main))

@@ -1,0 +1,226 @@
+"""Checkpoints that survive crashes: atomic writes, a checksum manifest, safe loading, pruning.
+
+Each checkpoint is `step-NNNNNNNN.pt` plus a JSON manifest (sha256, size, step, epoch, metrics) beside it.
+`last.pt` and `best.pt` are hard links to step files. A file that fails its checksum, or that holds
+Python objects besides tensors and plain data, is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import logs
+from .errors import UserError
+
+FORMAT = 'mnv-train/1'
+
+
+def _fsync_dir(directory: Path):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes):
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _link(source: Path, target: Path):
+    tmp = target.with_name(f'.{target.name}.tmp-{os.getpid()}')
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, target)
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + '.json')
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(manifest_path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f'checkpoint {path}: its manifest {manifest_path(path).name} is missing or broken ({e})') \
+            from None
+
+
+def _torch_load(data: bytes, path: Path) -> dict:
+    try:
+        return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else 'unpickling failed'
+        raise UserError(f'checkpoint {path} refused: it holds Python objects, not only tensors ({first})') from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f'checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]})') from None
+
+
+def load(path: Path) -> dict:
+    """A checkpoint written by `save`, after checking its size and sha256 against the manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint {path} not found')
+    manifest = read_manifest(path)
+    data = path.read_bytes()
+    if len(data) != manifest.get('bytes') or hashlib.sha256(data).hexdigest() != manifest.get('sha256'):
+        raise UserError(f'checkpoint {path} is truncated or corrupt (checksum does not match its manifest)')
+    payload = _torch_load(data, path)
+    if not isinstance(payload, dict) or payload.get('format') != FORMAT:
+        raise UserError(f'checkpoint {path} is not an mnv-train checkpoint')
+    return payload
+
+
+def load_state_dict(path: Path, use_ema: bool) -> dict:
+    """Model weights from timm/torch .pth files (weights only) or .safetensors files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint {path} not found')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise UserError(f'{path}: not a readable safetensors file ({e})') from None
+    payload = _torch_load(path.read_bytes(), path)
+    for key in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model'):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            return payload[key]
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise UserError(f'{path}: no model weights found in it')
+
+
+class Checkpointer:
+    """Writes step checkpoints (rank 0 only), keeps the newest `keep` plus last and best."""
+
+    def __init__(self, directory: Path, keep: int, is_writer: bool):
+        self.directory, self.keep, self.is_writer = Path(directory), keep, is_writer
+
+    def step_files(self) -> list[Path]:
+        return sorted(self.directory.glob('step-*.pt'), reverse=True)
+
+    def save(self, payload: dict, meta: dict, is_best: bool) -> Optional[Path]:
+        if not self.is_writer:
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({**payload, 'format': FORMAT}, buffer)
+        data = buffer.getvalue()
+        path = self.directory / f'step-{meta["step"]:08d}.pt'
+        manifest = {**meta, 'format': FORMAT, 'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+        atomic_write(path, data)
+        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
+        for name in ('last.pt',) + (('best.pt',) if is_best else ()):
+            _link(path, self.directory / name)
+            _link(manifest_path(path), manifest_path(self.directory / name))
+        for old in self.step_files()[self.keep:]:
+            old.unlink(missing_ok=True)
+            manifest_path(old).unlink(missing_ok=True)
+        return path
+
+    def latest_valid(self) -> Optional[tuple[Path, dict]]:
+        """The newest checkpoint that loads; broken ones are skipped with a warning."""
+        for path in self.step_files():
+            try:
+                return path, load(path)
+            except UserError as e:
+                logs.warn(f'{e}; falling back to an older checkpoint')
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- run state
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'python': random.getstate(), 'numpy': [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    import random
+
+    import numpy as np
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def capture(run) -> tuple[dict, dict]:
+    """(payload, manifest) for the run as it stands after its last optimizer step."""
+    from dataclasses import asdict
+    state = asdict(run.state)
+    payload = {
+        'model': run.module.state_dict(),
+        'ema': run.ema.module.state_dict() if run.ema is not None else None,
+        'optimizer': run.optimizer.state_dict(),
+        'scaler': run.scaler.state_dict(),
+        'state': state,
+        'rng': rng_state(),
+        'recipe': run.recipe.to_dict(),
+        'plan': {'world_size': run.plan.world_size, 'per_device': run.plan.per_device,
+                 'accum_steps': run.plan.accum_steps, 'global_batch': run.plan.global_batch},
+    }
+    last = run.state.history[-1] if run.state.history else {}
+    manifest = {'step': run.state.step, 'epoch': run.state.epoch, 'samples_seen': run.state.samples_seen,
+                'metrics': last, 'best_top1': run.state.best_top1}
+    return payload, manifest
+
+
+def restore(run, payload: dict) -> list[str]:
+    """Put a checkpoint back into a freshly built run; returns notes on what had to be adapted."""
+    from .build import TrainState
+    notes = []
+    try:
+        run.module.load_state_dict(payload['model'])
+        if run.ema is not None:
+            if payload.get('ema') is not None:
+                run.ema.module.load_state_dict(payload['ema'])
+            else:
+                run.ema.module.load_state_dict(payload['model'])
+                notes.append('the checkpoint has no EMA weights; EMA restarts from the model weights')
+        run.optimizer.load_state_dict(payload['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f'checkpoint does not fit this recipe\'s model/optimizer: {str(e).splitlines()[0]}') from None
+    run.scaler.load_state_dict(payload['scaler'])
+    run.state = TrainState(**payload['state'])
+    old_batch = payload['plan']['global_batch']
+    if old_batch != run.plan.global_batch:
+        run.state.step = run.state.samples_seen // run.plan.global_batch
+        notes.append(f'global batch changed {old_batch} -> {run.plan.global_batch}: resuming at step '
+                     f'{run.state.step} by samples seen ({run.state.samples_seen})')
+    elif payload['plan']['world_size'] != run.plan.world_size:
+        notes.append(f'world size changed {payload["plan"]["world_size"]} -> {run.plan.world_size}: same global '
+                     f'batch, accumulation {payload["plan"]["accum_steps"]} -> {run.plan.accum_steps}')
+    if run.state.samples_in_epoch % (run.world.size * run.plan.per_device):
+        run.state.samples_in_epoch -= run.state.samples_in_epoch % (run.world.size * run.plan.per_device)
+        notes.append('mid-epoch position rounded down to a whole batch of the new world size')
+    if run.scheduler is not None:
+        run.scheduler.step_update(run.state.step)
+    set_rng_state(payload['rng'])
+    return notes

@@ -1,0 +1,324 @@
+"""Datasets, transforms, a seekable sampler and the device-side end of the input pipeline.
+
+Every random draw of the input pipeline is seeded from (seed, epoch, position), never from state left over
+by earlier batches: a run resumed mid-epoch sees exactly the samples and augmentations it would have seen,
+with any number of loader workers.
+"""
+from __future__ import annotations
+
+import gzip
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+from timm.data import auto_augment as timm_auto_augment
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import fast_collate
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .errors import UserError
+from .recipe import AugConfig, DataConfig
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                         'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+
+
+# ---------------------------------------------------------------------------------------------- pillow 13 guard
+
+def _posterize_zero_safe(img, bits_to_keep, **kwargs):
+    """Pillow >= 13 refuses bits=0, which timm's RandAugment asks for at full magnitude; older Pillow gave black."""
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    timm_auto_augment.NAME_TO_OP[_name] = _posterize_zero_safe
+
+
+# ---------------------------------------------------------------------------------------------- seeds
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part, so neighbouring (epoch, position) pairs are unrelated."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    # not torch.manual_seed: before CUDA is initialised it queues a callback with a stack trace on every call
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+class FashionMNIST:
+    """Fashion-MNIST from its original idx .gz files (Debian: dataset-fashion-mnist)."""
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, root: Optional[str], split: str):
+        root_dir = Path(root or FASHION_MNIST_DIR)
+        prefix = 'train' if split == 'train' else 't10k'
+        images, labels = root_dir / f'{prefix}-images-idx3-ubyte.gz', root_dir / f'{prefix}-labels-idx1-ubyte.gz'
+        for path in (images, labels):
+            if not path.is_file():
+                raise UserError(f'Fashion-MNIST file {path} not found: install Debian\'s dataset-fashion-mnist '
+                                f'(apt-get install dataset-fashion-mnist) or pass --data-dir')
+        self.images = self._read(images, magic=2051)
+        self.labels = self._read(labels, magic=2049).astype(np.int64)
+        if len(self.images) != len(self.labels):
+            raise UserError(f'{images} and {labels} hold different numbers of samples')
+
+    @staticmethod
+    def _read(path: Path, magic: int) -> np.ndarray:
+        try:
+            with gzip.open(path, 'rb') as f:
+                raw = f.read()
+            found, count = struct.unpack('>II', raw[:8])
+            if found != magic:
+                raise ValueError(f'magic number {found}, expected {magic}')
+            dims = struct.unpack(f'>{"I" * (magic - 2049)}', raw[8:8 + 4 * (magic - 2049)])
+            offset = 8 + 4 * len(dims)
+            return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(count, *dims)
+        except (OSError, ValueError, struct.error, EOFError) as e:
+            raise UserError(f'{path}: not a readable idx file ({e})') from None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, index: int):
+        return Image.fromarray(self.images[index]).convert('RGB'), int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return f'Fashion-MNIST sample {index}'
+
+
+class SyntheticImages:
+    """Deterministic, learnable images: each class has its own colour and stripe direction, plus noise."""
+
+    def __init__(self, size: int, num_classes: int, img_size: int, seed: int, split: str):
+        self.size, self.num_classes, self.img_size = size, num_classes, img_size
+        self.split_seed = seed * 2 + (split == 'train')
+        rng = np.random.default_rng(seed)
+        self.colors = rng.integers(40, 216, size=(num_classes, 3))
+        self.angles = rng.uniform(0, np.pi, size=num_classes)
+
+    def __len__(self):
+        return self.size
+
+    def load(self, index: int):
+        rng = np.random.default_rng(derive_seed(self.split_seed, index))
+        label = index % self.num_classes
+        yy, xx = np.mgrid[0:self.img_size, 0:self.img_size] / max(self.img_size, 1)
+        angle = self.angles[label]
+        stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 12 + rng.uniform(0, 6.28))
+        pixels = self.colors[label] + 40 * stripes[..., None] + rng.normal(0, 20, (self.img_size, self.img_size, 3))
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), label
+
+    def describe(self, index: int) -> str:
+        return f'synthetic sample {index}'
+
+
+class TimmImages:
+    """Map-style datasets through timm's readers: image folders (and tar files), 'hfds/...'."""
+
+    def __init__(self, name: str, root: Optional[str], split: str):
+        if name != 'hfds' and not name.startswith('hfds/'):
+            if not root:
+                raise UserError('data.data_dir is not set: pass --data-dir with train/ and validation/ folders')
+            if not Path(root).exists():
+                raise UserError(f'data directory {root} does not exist')
+        if name.split('/')[0] in ('tfds', 'wds', 'hfids'):
+            raise UserError(f'data.dataset {name!r}: iterable datasets cannot be resumed exactly; '
+                            f'use an image folder or hfds/')
+        try:
+            self.dataset = create_dataset('' if name == 'folder' else name, root=root, split=split,
+                                          is_training=split == 'train')
+        except (FileNotFoundError, RuntimeError, ValueError, AssertionError) as e:
+            raise UserError(f'cannot open {name} split {split!r} under {root}: {e}') from None
+        if len(self.dataset) == 0:
+            raise UserError(f'no images found for split {split!r} under {root}')
+        reader = self.dataset.reader
+        self.num_classes = len(getattr(reader, 'class_to_idx', None) or {}) or getattr(reader, 'num_classes', None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def load(self, index: int):
+        source, target = self.dataset.reader[index][:2]
+        try:
+            image = Image.open(source)
+            image = image.convert('RGB')
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f'cannot read image {self.describe(index)}: {e}') from None
+        return image, int(target)
+
+    def describe(self, index: int) -> str:
+        try:
+            return str(self.dataset.reader.filename(index, absolute=True))
+        except (TypeError, AttributeError):
+            return f'sample {index}'
+
+
+def open_source(cfg: DataConfig, split: str, seed: int):
+    if cfg.dataset == 'synthetic':
+        size = cfg.synthetic_train_size if split == 'train' else cfg.synthetic_val_size
+        return SyntheticImages(size, cfg.synthetic_classes, cfg.img_size, seed, split)
+    if cfg.dataset in ('fashion_mnist', 'fmnist'):
+        return FashionMNIST(cfg.data_dir, split)
+    return TimmImages(cfg.dataset, cfg.data_dir, split)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+@dataclass
+class Normalization:
+    mean: tuple
+    std: tuple
+
+
+def resolve_normalization(cfg: DataConfig, model) -> Normalization:
+    model_cfg = resolve_data_config({}, model=model)
+    return Normalization(tuple(cfg.mean or model_cfg['mean']), tuple(cfg.std or model_cfg['std']))
+
+
+def train_transform(cfg: DataConfig, aug: AugConfig, norm: Normalization):
+    """PIL -> uint8 CHW numpy; normalising and erasing happen on the device."""
+    return create_transform(cfg.img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+                            hflip=aug.hflip, color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment,
+                            interpolation=aug.train_interpolation, mean=norm.mean, std=norm.std,
+                            use_prefetcher=True)
+
+
+def eval_transform(img_size: int, crop_pct: float, interpolation: str, norm: Normalization):
+    return create_transform(img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct,
+                            mean=norm.mean, std=norm.std, use_prefetcher=True)
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """Takes (index, seed) items from the sampler; seeds every RNG a transform may touch, then transforms."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image, label = self.source.load(index)
+        if seed is not None:
+            seed_everything(seed)
+        try:
+            return self.transform(image), label
+        except (OSError, ValueError) as e:
+            raise UserError(f'cannot transform image {self.source.describe(index)}: {e}') from None
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+class EpochSampler(Sampler):
+    """This rank's share of an epoch as (index, sample_seed), starting at any position.
+
+    Order comes from torch's DistributedSampler (or timm's RepeatAugSampler with aug_repeats); each sample's
+    augmentation seed is derived from (seed, epoch, rank, position) so that skipping ahead needs no replay.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, repeats: int = 0):
+        self.rank, self.seed = rank, seed
+        if repeats:
+            self.order = RepeatAugSampler(range(size), num_replicas=world_size, rank=rank, num_repeats=repeats)
+        else:
+            self.order = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(self.order) - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # RepeatAugSampler seeds its shuffle with the epoch alone; folding the run seed in keeps runs distinct
+        self.order.set_epoch(self.epoch if isinstance(self.order, DistributedSampler)
+                             else derive_seed(self.seed, self.epoch) % 2**62)
+        indices = list(self.order)
+        for position in range(self.start, len(indices)):
+            yield indices[position], derive_seed(self.seed, self.epoch, self.rank, position)
+
+
+class ShardSampler(Sampler):
+    """Every sample exactly once across ranks (no padding), for evaluation."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return ((i, None) for i in self.indices)
+
+
+def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool, pin_memory: bool):
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=fast_collate, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------- device side
+
+class DeviceNormalize:
+    """uint8 batch on the host -> normalised float batch on the device (timm's prefetcher idea, no stream)."""
+
+    def __init__(self, norm: Normalization, device: torch.device, channels_last: bool):
+        self.device = device
+        self.mean = torch.tensor([m * 255 for m in norm.mean], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([s * 255 for s in norm.std], device=device).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor):
+        images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        return images.contiguous(memory_format=self.memory_format), targets.to(self.device, non_blocking=True)
+
+
+class BatchAugment:
+    """Random erasing and Mixup/CutMix on the device batch; call after seeding the step's RNGs."""
+
+    def __init__(self, aug: AugConfig, num_classes: int, smoothing: float, device: torch.device):
+        self.erase = (RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=str(device))
+                      if aug.reprob > 0 else None)
+        self.mixup = None
+        if aug.mixup > 0 or aug.cutmix > 0 or aug.cutmix_minmax is not None:
+            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, cutmix_minmax=aug.cutmix_minmax,
+                               prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
+                               label_smoothing=smoothing, num_classes=num_classes)
+        self.mixup_off_epoch = aug.mixup_off_epoch
+
+    def mixing(self, epoch: int) -> bool:
+        return self.mixup is not None and not (self.mixup_off_epoch and epoch >= self.mixup_off_epoch)
+
+    def __call__(self, images, targets, epoch: int):
+        if self.erase is not None:
+            images = self.erase(images)
+        if self.mixing(epoch):
+            if len(images) % 2:
+                raise UserError(f'Mixup/CutMix needs an even per-device batch, got {len(images)}')
+            images, targets = self.mixup(images, targets)
+        return images, targets

@@ -1,0 +1,287 @@
+"""The training loop: epochs of optimizer steps, evaluation, checkpoints.
+
+Nothing in the step waits for the device; losses are read back at log points (every train.log_every steps),
+which is also where ranks agree on stopping, checkpointing and non-finite losses.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import torch
+from timm.utils import dispatch_clip_grad
+
+from . import checkpoint, logs
+from .build import Run
+from .data import derive_seed, seed_everything
+from .errors import UserError
+
+STEP_STREAM = 0x5EED  # keeps per-step seeds apart from per-sample ones
+
+
+class StopFlag:
+    """Set from a signal handler (SIGTERM/SIGUSR1: preemption); read by the loop at step boundaries."""
+
+    def __init__(self):
+        self.requested, self.reason = False, ''
+
+    def request(self, reason: str):
+        self.requested, self.reason = True, reason
+
+
+class Interrupted(Exception):
+    """Training stopped early on request, after saving a checkpoint."""
+
+
+def fit(run: Run, stop: StopFlag, max_steps: int = 0):
+    """Train from wherever run.state is to the end of the schedule (or to max_steps, then checkpoint and stop)."""
+    monitor = StepMonitor(run, stop, max_steps)
+    while run.state.epoch < run.epochs:
+        epoch = run.state.epoch
+        try:
+            monitor.begin_epoch(epoch)
+            train_one_epoch(run, epoch, monitor)
+            monitor.end_epoch()
+            end_epoch(run, epoch, monitor)
+        except RolledBack:
+            continue
+    run.metrics.close()
+
+
+def train_one_epoch(run: Run, epoch: int, monitor: StepMonitor):
+    state, accum = run.state, run.plan.accum_steps
+    run.model.train()
+    for batch_index, (images, targets) in epoch_batches(run, epoch):
+        seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, state.step, batch_index % accum,
+                                    run.world.rank))
+        images, targets = run.augment(*run.normalize(images, targets), epoch)
+        finishing = (batch_index + 1) % accum == 0
+        with run.no_sync(finishing), run.autocast():
+            loss = run.loss_fn(run.model(images), targets)
+        run.scaler.scale(loss / accum).backward()
+        monitor.record(loss.detach())
+        if finishing:
+            optimizer_step(run)
+            state.samples_in_epoch += run.plan.global_batch
+            state.samples_seen += run.plan.global_batch
+            monitor.after_step()
+
+
+def epoch_batches(run: Run, epoch: int):
+    """(batch index within the epoch, batch) from the run's position, for exactly the epoch's optimizer steps."""
+    per_step = run.world.size * run.plan.per_device
+    done = run.state.samples_in_epoch // per_step
+    run.train_sampler.set_position(epoch, done * run.plan.per_device)
+    remaining = max(0, run.steps_per_epoch * run.plan.accum_steps - done)
+    return zip(itertools.count(done), itertools.islice(run.train_loader, remaining))
+
+
+def optimizer_step(run: Run):
+    clip = run.recipe.optim
+    if clip.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        dispatch_clip_grad(run.module.parameters(), clip.clip_grad, mode=clip.clip_mode)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    if run.scheduler is not None:
+        run.scheduler.step_update(run.state.step)
+    if run.ema is not None:
+        run.ema.update(run.module, step=run.state.step)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, normalize, world, amp: str) -> dict:
+    """top-1 / top-5 (%) and loss over the whole split, every sample counted once across ranks."""
+    from .build import autocast
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    for images, targets in loader:
+        images, targets = normalize(images, targets)
+        with autocast(amp, world.device):
+            logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        correct1 += top[:, 0].sum()
+        correct5 += top.any(dim=1).sum()
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction='sum')
+        count += len(targets)
+    correct1, correct5, loss_sum, count = world.sum([float(correct1), float(correct5), float(loss_sum), count])
+    if count == 0:
+        raise UserError('the validation split is empty')
+    return {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'loss': loss_sum / count,
+            'count': int(count)}
+
+
+def evaluate_all(run: Run) -> dict:
+    """Raw and EMA weights on every eval set: {'top1': .., 'ema_top1': .., 'top1@448': ..}."""
+    metrics = {}
+    weights = [('', run.module)] + ([('ema_', run.ema.module)] if run.ema is not None else [])
+    for eval_set in run.evals:
+        for prefix, model in weights:
+            result = evaluate(model, eval_set.loader, run.normalize, run.world, run.recipe.train.amp)
+            for key in ('top1', 'top5', 'loss'):
+                metrics[f'{prefix}{key}{eval_set.name}'] = result[key]
+    return metrics
+
+
+def end_epoch(run: Run, epoch: int, monitor: StepMonitor):
+    state = run.state
+    row = {'epoch': epoch, 'step': state.step, 'lr': run.lr(), 'train_loss': monitor.epoch_loss()}
+    if (epoch + 1) % run.recipe.train.eval_every == 0 or epoch + 1 == run.epochs:
+        row.update(evaluate_all(run))
+    state.epoch, state.samples_in_epoch = epoch + 1, 0
+    score = max(row.get('top1', -1), row.get('ema_top1', -1))
+    improved = 'top1' in row and (state.best_top1 is None or score > state.best_top1)
+    if improved:
+        state.best_top1, state.best_epoch = score, epoch
+    state.history.append(row)
+    logs.summary(epoch_summary(run, row))
+    run.metrics.scalars(state.step, {f'eval/{k}': v for k, v in row.items() if k not in ('epoch', 'step')})
+    monitor.save(is_best=improved)
+    run.metrics.write_history(state.history)
+
+
+def epoch_summary(run: Run, row: dict) -> str:
+    parts = [f'epoch {row["epoch"] + 1}/{run.epochs}', f'step {row["step"]}', f'loss {row["train_loss"]:.4f}']
+    for key in sorted(k for k in row if 'top1' in k):
+        parts.append(f'{key} {row[key]:.2f}')
+    return '  '.join(parts)
+
+
+class StepMonitor:
+    """Per-step bookkeeping kept off the device's critical path: loss sums, throughput, stop and save points."""
+
+    def __init__(self, run: Run, stop: StopFlag, max_steps: int = 0):
+        self.run, self.stop, self.max_steps = run, stop, max_steps
+        self.losses: list[torch.Tensor] = []  # on the device until the next flush
+        self.window_losses: list[float] = []  # flushed, not yet logged
+        self.bad_steps = 0
+        self.rollbacks = 0
+        self.window_start = time.perf_counter()
+        self.window_samples = 0
+        self.last_save = time.monotonic()
+        self.bar = None
+
+    def begin_epoch(self, epoch: int):
+        run = self.run
+        self.bar = logs.progress(run.steps_per_epoch, run.state.samples_in_epoch // run.plan.global_batch,
+                                 f'epoch {epoch + 1}/{run.epochs}')
+
+    def end_epoch(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def record(self, loss: torch.Tensor):
+        self.losses.append(loss)
+
+    def after_step(self):
+        run, state = self.run, self.run.state
+        self.window_samples += run.plan.global_batch
+        if self.bar is not None:
+            self.bar.update(1)
+        every = run.recipe.train.checkpoint_every_steps
+        at_log = state.step % run.recipe.train.log_every == 0
+        at_epoch_end = state.samples_in_epoch >= run.samples_per_epoch
+        if self.max_steps and state.step >= self.max_steps:  # the same step on every rank: no vote needed
+            self.stop.request(f'reached --max-steps {self.max_steps}')
+            self.sync_point(at_log, at_epoch_end)
+        elif at_log or at_epoch_end or (self.stop.requested and not run.world.distributed):
+            self.sync_point(at_log, at_epoch_end)
+        elif every and state.step % every == 0:
+            self.save(is_best=False)
+
+    def flush(self):
+        """Read the pending losses back (one device sync) into the epoch sums and the bad-step count."""
+        state = self.run.state
+        values = torch.stack(self.losses).float().tolist() if self.losses else []
+        self.losses = []
+        finite = [v for v in values if math.isfinite(v)]
+        trailing_bad = next((i for i, v in enumerate(reversed(values)) if math.isfinite(v)), len(values))
+        self.bad_steps = self.bad_steps + trailing_bad if not finite else trailing_bad
+        state.loss_sum += sum(finite)
+        state.loss_count += len(finite)
+        self.window_losses += finite
+
+    def sync_point(self, log: bool, epoch_end: bool = False):
+        """Agree with the other ranks once, then log / roll back / save / stop."""
+        run, state, train_cfg = self.run, self.run.state, self.run.recipe.train
+        self.flush()
+        minutes = train_cfg.checkpoint_every_minutes
+        due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes and run.world.is_main
+        bad, stop, due = run.world.sum([float(self.bad_steps), float(self.stop.requested), float(due)])
+        if log and self.window_losses:
+            self.log(sum(self.window_losses) / len(self.window_losses))
+        if bad:
+            self.handle_non_finite(int(bad))
+        every = train_cfg.checkpoint_every_steps
+        if stop:
+            self.save(is_best=False)
+            raise Interrupted(self.stop.reason or 'stop requested on another rank')
+        if (due or (every and state.step % every == 0)) and not epoch_end:  # end_epoch saves anyway
+            self.save(is_best=False)
+
+    def log(self, loss: float):
+        run = self.run
+        self.window_losses = []
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{run.lr():.3g}')
+        elapsed = time.perf_counter() - self.window_start
+        rate = self.window_samples / elapsed if elapsed > 0 else 0.0
+        self.window_start, self.window_samples = time.perf_counter(), 0
+        if self.bar is None:
+            logs.info(f'step {run.state.step}/{run.total_steps}  loss {loss:.4f}  lr {run.lr():.3g}  '
+                      f'{rate:.0f} img/s')
+        run.metrics.scalars(run.state.step, {'train/loss': loss, 'train/lr': run.lr(), 'train/img_per_s': rate})
+
+    def epoch_loss(self) -> float:
+        self.sync_point(log=False, epoch_end=True)
+        state = self.run.state
+        mean = state.loss_sum / state.loss_count if state.loss_count else float('nan')
+        state.loss_sum, state.loss_count = 0.0, 0
+        return mean
+
+    def weights_finite(self) -> bool:
+        flags = [torch.isfinite(p).all() for p in self.run.module.parameters()]
+        return self.run.world.sum([float(not torch.stack(flags).all())])[0] == 0
+
+    def handle_non_finite(self, bad_steps: int):
+        run = self.run
+        limit = run.recipe.train.max_bad_steps
+        if self.weights_finite() and bad_steps < limit:
+            logs.warn(f'non-finite loss in the last {bad_steps} step(s) up to step {run.state.step}; the steps were '
+                      f'skipped (fp16 loss scale {run.scaler.get_scale() if run.scaler.is_enabled() else "off"})')
+            return
+        self.roll_back(f'loss was non-finite for {bad_steps} step(s) up to step {run.state.step} '
+                       f'(lr {run.lr():.3g})')
+
+    def roll_back(self, why: str):
+        run = self.run
+        found = run.checkpointer.latest_valid()
+        self.rollbacks += 1
+        if found is None or self.rollbacks > 2:
+            raise UserError(f'{why}; {"no checkpoint to roll back to" if found is None else "it happened again after rolling back twice"}: '
+                            f'lower optim.lr or set optim.clip_grad')
+        path, payload = found
+        logs.warn(f'{why}; rolling back to {path}')
+        checkpoint.restore(run, payload)
+        run.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps, self.losses, self.window_losses = 0, [], []
+        self.end_epoch()
+        raise RolledBack()
+
+    def save(self, is_best: bool):
+        """Checkpoint the run; weights that are not finite are never written over good ones."""
+        self.flush()
+        if not self.weights_finite():
+            self.roll_back(f'weights became non-finite by step {self.run.state.step}')
+        if self.run.world.is_main:
+            payload, manifest = checkpoint.capture(self.run)
+            self.run.checkpointer.save(payload, manifest, is_best)
+        self.last_save = time.monotonic()
+
+
+class RolledBack(Exception):
+    """The run went back to an earlier checkpoint; the epoch loop restarts from the restored state."""

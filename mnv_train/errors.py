@@ -1,0 +1,16 @@
+"""The one exception type users see: a bad recipe, missing data, a broken checkpoint.
+
+The CLIs print these as a single line and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with what the user gave us, explained in one line."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a UserError, also when a DataLoader worker re-raised it with its traceback inside."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    prefix = f'{UserError.__module__}.{UserError.__name__}: '
+    return last[len(prefix):] if last.startswith(prefix) else last

@@ -1,0 +1,38 @@
+"""Model construction from timm, and the BatchNorm settings recipes carry over from TF configs."""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from .errors import UserError
+from .recipe import ModelConfig
+
+
+def create(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    if not timm.is_model(cfg.name):
+        close = timm.list_models(f'*{cfg.name.split("_")[0]}*')[:5]
+        raise UserError(f'model.name {cfg.name!r} is not a timm model' + (f' (e.g. {", ".join(close)})' if close else ''))
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate,
+                                  drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+    except TypeError as e:
+        raise UserError(f'model.kwargs for {cfg.name}: {e}') from None
+    set_batchnorm(model, cfg.bn_momentum, cfg.bn_eps)
+    return model
+
+
+def set_batchnorm(model: nn.Module, momentum, eps):
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if momentum is not None:
+                module.momentum = momentum
+            if eps is not None:
+                module.eps = eps
+
+
+def prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,395 @@
+"""Recipes: plain YAML data checked against a typed schema when loaded.
+
+A recipe states the experiment as it was published (global batch, LR at that batch, epochs, augmentation);
+how it maps onto the machine at hand (world size, accumulation, LR rescaling) is worked out elsewhere.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / 'recipes'
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 as a string; recipes are full of such numbers, so read them as floats (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^[-+]?(?:\d[\d_]*\.[\d_]*(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+|\.\d[\d_]*(?:[eE][-+]?\d+)?'
+               r'|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$'),
+    list('-+0123456789.'))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _range(ge=None, gt=None, le=None, lt=None):
+    return {'ge': ge, 'gt': gt, 'le': le, 'lt': lt}
+
+
+def _f(default, **bounds):
+    """A field with an optional numeric range, checked at load."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=_range(**bounds))
+    return field(default=default, metadata=_range(**bounds))
+
+
+@dataclass
+class ModelConfig:
+    name: str = 'mobilenetv4_conv_small'
+    num_classes: Optional[int] = _f(None, ge=1)  # None: taken from the dataset
+    drop_rate: float = _f(0.0, ge=0, lt=1)  # classifier dropout
+    drop_path_rate: float = _f(0.0, ge=0, lt=1)  # stochastic depth, linearly scaled over blocks by timm
+    bn_momentum: Optional[float] = _f(None, gt=0, lt=1)  # torch convention (TF 0.997 -> 0.003)
+    bn_eps: Optional[float] = _f(None, gt=0)
+    pretrained_path: Optional[str] = None  # local weights to start from (fine-tuning); nothing is downloaded
+    freeze: list = _f([])  # parameter name prefixes kept frozen, e.g. ['conv_stem', 'bn1', 'blocks.0']
+    kwargs: dict = _f({})  # passed to timm.create_model as is
+
+
+@dataclass
+class DataConfig:
+    dataset: str = 'synthetic'  # synthetic | fashion_mnist | folder | a timm dataset name ('hfds/...')
+    data_dir: Optional[str] = None
+    train_split: str = 'train'
+    val_split: str = 'validation'
+    img_size: int = _f(224, ge=8)
+    eval_img_size: Optional[int] = _f(None, ge=8)  # None: img_size
+    crop_pct: float = _f(0.875, gt=0, le=1)  # eval center crop fraction
+    interpolation: str = 'bicubic'  # eval resize
+    extra_evals: list = _f([])  # more [img_size, crop_pct] pairs evaluated each epoch, e.g. [[448, 1.0]]
+    mean: Optional[list] = None  # None: the model's pretrained config
+    std: Optional[list] = None
+    num_workers: int = _f(2, ge=0)
+    synthetic_train_size: int = _f(512, ge=1)
+    synthetic_val_size: int = _f(128, ge=1)
+    synthetic_classes: int = _f(10, ge=2)
+
+
+@dataclass
+class AugConfig:
+    scale: list = _f([0.08, 1.0])  # RandomResizedCrop area range
+    ratio: list = _f([0.75, 1.3333333])
+    hflip: float = _f(0.5, ge=0, le=1)
+    color_jitter: float = _f(0.0, ge=0)
+    auto_augment: Optional[str] = None  # timm string, e.g. rand-m9-mstd0.5-inc1
+    train_interpolation: str = 'random'
+    reprob: float = _f(0.0, ge=0, le=1)  # random erasing, applied on the device
+    remode: Literal['const', 'rand', 'pixel'] = 'pixel'
+    recount: int = _f(1, ge=1)
+    mixup: float = _f(0.0, ge=0)  # Beta alpha; 0 disables
+    cutmix: float = _f(0.0, ge=0)
+    cutmix_minmax: Optional[list] = None
+    mixup_prob: float = _f(1.0, ge=0, le=1)
+    mixup_switch_prob: float = _f(0.5, ge=0, le=1)
+    mixup_mode: Literal['batch', 'pair', 'elem'] = 'batch'
+    mixup_off_epoch: int = _f(0, ge=0)  # turn mixup/cutmix off from this epoch; 0 never
+    aug_repeats: int = _f(0, ge=0)  # timm RepeatAugSampler repeats; 0 off
+
+
+@dataclass
+class LossConfig:
+    smoothing: float = _f(0.1, ge=0, lt=1)
+    bce: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = 'adamw'  # any timm optimizer name: adamw, lamb, sgd, rmsproptf, ...
+    lr: float = _f(1e-3, gt=0)  # at train.global_batch_size
+    lr_scale_rule: Literal['auto', 'linear', 'sqrt', 'none'] = 'auto'  # auto: sqrt for adaptive, linear else
+    betas: Optional[list] = None
+    eps: Optional[float] = _f(None, gt=0)
+    momentum: float = _f(0.9, ge=0, lt=1)
+    weight_decay: float = _f(0.05, ge=0)
+    layer_decay: Optional[float] = _f(None, gt=0, le=1)
+    clip_grad: Optional[float] = _f(None, gt=0)
+    clip_mode: Literal['norm', 'value', 'agc'] = 'norm'
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = _f(10, ge=1)
+    sched: str = 'cosine'
+    warmup_epochs: float = _f(0.0, ge=0)
+    warmup_lr: float = _f(0.0, ge=0)
+    min_lr: float = _f(0.0, ge=0)
+    cooldown_epochs: int = _f(0, ge=0)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = _f(0.9998, gt=0, lt=1)  # per optimizer step at train.global_batch_size
+    warmup: bool = True  # timm ModelEmaV3 decay warmup
+    start_step: int = _f(0, ge=0)  # EMA starts after this many steps at the recipe's global batch
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = _f(256, ge=1)  # the batch the LR and EMA decay are stated for
+    batch_size: int = _f(128, ge=1)  # per device, the most that fits in memory
+    amp: Literal['none', 'bf16', 'fp16'] = 'none'
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+    seed: int = 42
+    deterministic: bool = True  # bit-reproducible on CPU
+    eval_every: int = _f(1, ge=1)  # epochs
+    log_every: int = _f(50, ge=1)  # optimizer steps
+    keep_checkpoints: int = _f(2, ge=1)  # step checkpoints kept besides last and best
+    checkpoint_every_steps: int = _f(0, ge=0)  # 0: only at epoch ends
+    checkpoint_every_minutes: float = _f(0.0, ge=0)
+    max_bad_steps: int = _f(20, ge=1)  # consecutive non-finite losses before rolling back
+    precise_bn_batches: int = _f(0, ge=0)  # recompute BN statistics over this many train batches before eval
+
+
+@dataclass
+class Provenance:
+    source: str = ''
+    notes: str = ''
+    expected_top1: Optional[float] = _f(None, ge=0, le=100)  # at the train resolution
+    expected_top1_eval: Optional[float] = _f(None, ge=0, le=100)  # at eval_img_size / eval_crop_pct
+    eval_img_size: Optional[int] = _f(None, ge=8)
+    eval_crop_pct: Optional[float] = _f(None, gt=0, le=1)
+
+
+@dataclass
+class Recipe:
+    name: str = 'unnamed'
+    description: str = ''
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return 'one of ' + ', '.join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, '__name__', str(tp))
+
+
+def _check_value(value: Any, tp, path: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(value, options[0], path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f'{path}: {value!r} is not {_type_name(tp)}')
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f'{path}: expected true/false, got {value!r}')
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f'{path}: expected an integer, got {value!r}')
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f'{path}: expected a number, got {value!r}')
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f'{path}: expected a string, got {value!r}')
+        return value
+    if tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f'{path}: expected a list, got {value!r}')
+        return list(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f'{path}: expected a mapping, got {value!r}')
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    raise TypeError(f'unsupported schema type {tp} at {path}')
+
+
+def _check_range(value, bounds: dict, path: str):
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    checks = {'ge': (lambda a, b: a >= b, '>='), 'gt': (lambda a, b: a > b, '>'),
+              'le': (lambda a, b: a <= b, '<='), 'lt': (lambda a, b: a < b, '<')}
+    for key, (ok, symbol) in checks.items():
+        bound = bounds.get(key)
+        if bound is not None and not ok(value, bound):
+            raise UserError(f'{path}: {value!r} must be {symbol} {bound}')
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f'{path or "recipe"}: expected a mapping, got {data!r}')
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f'{path}.{key}' if path else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f'; did you mean {close[0]!r}?' if close else f'; valid keys: {", ".join(fields)}'
+            raise UserError(f'unknown recipe key {where!r}{hint}')
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        where = f'{path}.{name}' if path else name
+        values[name] = _check_value(data[name], hints[name], where)
+        _check_range(data[name], f.metadata, where)
+    return cls(**values)
+
+
+def _check_consistency(recipe: Recipe):
+    for key in ('scale', 'ratio'):
+        pair = getattr(recipe.aug, key)
+        if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or pair[0] > pair[1]:
+            raise UserError(f'aug.{key}: expected [low, high] numbers, got {pair!r}')
+    for key in ('mean', 'std'):
+        values = getattr(recipe.data, key)
+        if values is not None and (len(values) != 3 or not all(isinstance(v, (int, float)) for v in values)):
+            raise UserError(f'data.{key}: expected 3 numbers, got {values!r}')
+    if recipe.optim.betas is not None and (len(recipe.optim.betas) != 2
+                                           or not all(0 <= b < 1 for b in recipe.optim.betas)):
+        raise UserError(f'optim.betas: expected two numbers in [0, 1), got {recipe.optim.betas!r}')
+    for pair in recipe.data.extra_evals:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], int)
+                or not isinstance(pair[1], (int, float)) or not 0 < pair[1] <= 1 or pair[0] < 8):
+            raise UserError(f'data.extra_evals: expected [img_size, crop_pct] pairs, got {pair!r}')
+    if recipe.schedule.warmup_epochs >= recipe.schedule.epochs:
+        raise UserError(f'schedule.warmup_epochs ({recipe.schedule.warmup_epochs}) must be below '
+                        f'schedule.epochs ({recipe.schedule.epochs})')
+
+
+def from_dict(data: dict) -> Recipe:
+    recipe = _build(Recipe, data, '')
+    _check_consistency(recipe)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def resolve_path(name_or_path: str, relative_to: Optional[Path] = None) -> Path:
+    """`mnv4_hybrid_large` -> recipes/mnv4_hybrid_large.yaml; a path is taken as it is."""
+    candidates = [Path(name_or_path)]
+    if relative_to is not None:
+        candidates.append(relative_to / name_or_path)
+    if not name_or_path.endswith(('.yaml', '.yml')):
+        candidates += [RECIPES_DIR / f'{name_or_path}.yaml']
+        if relative_to is not None:
+            candidates.append(relative_to / f'{name_or_path}.yaml')
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in RECIPES_DIR.glob('*.yaml'))
+    close = difflib.get_close_matches(Path(name_or_path).stem, known, n=1, cutoff=0.5)
+    hint = f'; did you mean {close[0]!r}?' if close else ' (train.py --list-recipes shows them)'
+    raise UserError(f'recipe {name_or_path!r} not found{hint}')
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != 'kwargs':
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' line {mark.line + 1}' if mark is not None else ''
+        raise UserError(f'{path}{where}: not valid YAML ({getattr(e, "problem", e)})') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f'{path}: a recipe must be a mapping of sections, got {type(data).__name__}')
+    return data
+
+
+def load_raw(name_or_path: str, _seen: tuple = ()) -> dict:
+    """The recipe as a dict with its `base:` chain merged in (base first, this file on top)."""
+    path = resolve_path(name_or_path)
+    if path.resolve() in _seen:
+        raise UserError(f'{path}: recipe base chain loops back on itself')
+    data = _read_yaml(path)
+    data.setdefault('name', path.stem)
+    base = data.pop('base', None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f'{path}: base must be a recipe name or path, got {base!r}')
+    base_data = load_raw(str(resolve_path(base, relative_to=path.parent)), _seen + (path.resolve(),))
+    base_data.pop('name', None)
+    base_data.pop('provenance', None)  # where a recipe's numbers come from is never inherited
+    return _merge(base_data, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if '=' not in text:
+        raise UserError(f'--set {text!r}: expected key.path=value')
+    key, raw = text.split('=', 1)
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split('.'), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise UserError(f'--set {text!r}: {key!r} is not a section')
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:
+    return from_dict(apply_overrides(load_raw(name_or_path), overrides or []))
+
+
+def list_recipes() -> list[Recipe]:
+    return [load(str(path)) for path in sorted(RECIPES_DIR.glob('*.yaml'))]

@@ -1,0 +1,65 @@
+import gzip
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = {
+    'model': {'name': 'mobilenetv4_conv_small'},
+    'data': {'dataset': 'synthetic', 'img_size': 32, 'crop_pct': 1.0, 'num_workers': 0,
+             'synthetic_train_size': 128, 'synthetic_val_size': 48, 'synthetic_classes': 4},
+    'aug': {'scale': [0.5, 1.0]},
+    'optim': {'name': 'adamw', 'lr': 0.002, 'weight_decay': 0.01},
+    'schedule': {'epochs': 2, 'warmup_epochs': 0.5},
+    'ema': {'enabled': True, 'decay': 0.9},
+    'train': {'global_batch_size': 32, 'batch_size': 16, 'log_every': 2},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """write_recipe({'optim': {'lr': 0.1}}) -> path of the tiny recipe with those changes."""
+    def write(changes=None, name='tiny'):
+        path = tmp_path / f'{name}.yaml'
+        path.write_text(yaml.safe_dump(merge(TINY, changes or {})))
+        return path
+    return write
+
+
+def run_cli(script: str, *args, cwd=None, timeout=600, env=None):
+    """Run train.py / validate.py as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+def write_idx(directory: Path, prefix: str, images: np.ndarray, labels: np.ndarray):
+    directory.mkdir(parents=True, exist_ok=True)
+    with gzip.open(directory / f'{prefix}-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>IIII', 2051, len(images), *images.shape[1:]) + images.astype(np.uint8).tobytes())
+    with gzip.open(directory / f'{prefix}-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>II', 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fmnist(tmp_path):
+    """A Fashion-MNIST-format folder with 64 train / 32 test images whose class is their brightness."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'fmnist'
+    for prefix, n in (('train', 64), ('t10k', 32)):
+        labels = np.arange(n) % 10
+        images = (labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)
+        write_idx(root, prefix, images, labels)
+    return root

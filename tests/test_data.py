@@ -1,0 +1,116 @@
+import numpy as np
+import PIL
+import pytest
+import torch
+from PIL import Image, ImageOps
+from timm.data import create_transform
+
+from mnv_train import data
+from mnv_train.errors import UserError
+from mnv_train.recipe import AugConfig, DataConfig
+
+
+def test_posterize_to_zero_bits_gives_black_instead_of_raising():
+    image = Image.new('RGB', (8, 8), (200, 100, 50))
+    if int(PIL.__version__.split('.')[0]) >= 13:
+        with pytest.raises(ValueError):  # what the guard protects against
+            ImageOps.posterize(image, 0)
+    assert np.asarray(data._posterize_zero_safe(image, 0)).max() == 0
+    assert np.array_equal(np.asarray(data._posterize_zero_safe(image, 4)), np.asarray(ImageOps.posterize(image, 4)))
+
+
+def test_randaugment_inc1_survives_many_images():
+    """rand-m9-mstd0.5-inc1 asks for 0 posterize bits on ~0.2% of images; 5000 calls hit it ~10 times."""
+    transform = create_transform(32, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', use_prefetcher=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    data.seed_everything(0)
+    for _ in range(5000):
+        transform(image)
+
+
+def test_fashion_mnist_reader_gives_rgb_images_and_labels(tiny_fmnist):
+    train = data.FashionMNIST(str(tiny_fmnist), 'train')
+    test = data.FashionMNIST(str(tiny_fmnist), 'test')
+    assert (len(train), len(test), train.num_classes) == (64, 32, 10)
+    image, label = train.load(13)
+    assert image.mode == 'RGB' and image.size == (28, 28) and label == 3
+    assert np.asarray(image)[..., 0].min() >= 75  # brightness encodes the class in the fixture
+
+
+def test_fashion_mnist_missing_or_corrupt_files_are_one_line_errors(tmp_path, tiny_fmnist):
+    with pytest.raises(UserError, match='dataset-fashion-mnist'):
+        data.FashionMNIST(str(tmp_path / 'nowhere'), 'train')
+    (tiny_fmnist / 'train-labels-idx1-ubyte.gz').write_bytes(b'garbage')
+    with pytest.raises(UserError, match='not a readable idx file'):
+        data.FashionMNIST(str(tiny_fmnist), 'train')
+
+
+def test_sampler_seeks_without_replaying():
+    sampler = data.EpochSampler(100, rank=0, world_size=1, seed=3)
+    sampler.set_position(epoch=2)
+    full = list(sampler)
+    sampler.set_position(epoch=2, start=37)
+    assert list(sampler) == full[37:]
+    sampler.set_position(epoch=3)
+    other_epoch = list(sampler)
+    assert sorted(i for i, _ in full) == sorted(i for i, _ in other_epoch) == list(range(100))
+    assert [i for i, _ in full] != [i for i, _ in other_epoch]
+    assert len({s for _, s in full + other_epoch}) == 200  # every sample of every epoch has its own seed
+
+
+def test_sampler_shards_ranks_and_repeats():
+    shards = [list(data.EpochSampler(10, rank, 2, seed=0)) for rank in range(2)]
+    assert sorted(i for shard in shards for i, _ in shard) == list(range(10))
+    repeated = list(data.EpochSampler(300, 0, 1, seed=0, repeats=3))
+    assert len(repeated) == 256 and max(np.bincount([i for i, _ in repeated])) == 3
+
+
+def test_eval_shards_count_every_sample_once():
+    parts = [list(data.ShardSampler(11, rank, 3)) for rank in range(3)]
+    assert sorted(i for part in parts for i, _ in part) == list(range(11))
+
+
+def test_transform_depends_only_on_the_sample_seed():
+    cfg = DataConfig(dataset='synthetic', img_size=32)
+    aug = AugConfig(auto_augment='rand-m9-mstd0.5-inc1', hflip=0.5)
+    source = data.SyntheticImages(8, 4, 32, seed=0, split='train')
+    dataset = data.TransformedDataset(source, data.train_transform(cfg, aug, data.Normalization((0.5,) * 3,
+                                                                                               (0.5,) * 3)))
+    first, label = dataset[(5, 1234)]
+    torch.manual_seed(99)
+    np.random.seed(7)
+    again, _ = dataset[(5, 1234)]
+    other, _ = dataset[(5, 4321)]
+    assert first.dtype == torch.uint8 and first.shape == (3, 32, 32) and label == 1
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_unreadable_image_in_a_folder_dataset_is_named(tmp_path):
+    for split in ('train', 'validation'):
+        folder = tmp_path / split / 'cat'
+        folder.mkdir(parents=True)
+        Image.new('RGB', (16, 16)).save(folder / 'good.png')
+    (tmp_path / 'train' / 'cat' / 'broken.jpg').write_bytes(b'not a jpeg')
+    source = data.open_source(DataConfig(dataset='folder', data_dir=str(tmp_path)), 'train', 0)
+    assert source.num_classes == 1
+    broken = next(i for i in range(len(source)) if 'broken' in source.describe(i))
+    with pytest.raises(UserError, match=r'cannot read image .*broken.jpg'):
+        source.load(broken)
+
+
+def test_missing_data_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match='does not exist'):
+        data.open_source(DataConfig(dataset='folder', data_dir=str(tmp_path / 'missing')), 'train', 0)
+    with pytest.raises(UserError, match='data_dir is not set'):
+        data.open_source(DataConfig(dataset='folder'), 'train', 0)
+
+
+def test_batch_augment_turns_mixup_off_at_the_off_epoch():
+    aug = data.BatchAugment(AugConfig(mixup=0.8, cutmix=1.0, mixup_off_epoch=3), num_classes=4, smoothing=0.1,
+                            device=torch.device('cpu'))
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    _, mixed = aug(images, labels, epoch=2)
+    _, plain = aug(images, labels, epoch=3)
+    assert mixed.shape == (4, 4) and torch.allclose(mixed.sum(1), torch.ones(4))
+    assert torch.equal(plain, labels)

@@ -1,0 +1,200 @@
+"""Exact resume, preemption, crash-safe checkpoints, non-finite losses, hostile files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mnv_train import checkpoint
+from mnv_train.cli import train_main, validate_main
+from mnv_train.errors import UserError
+
+from conftest import REPO, run_cli
+
+LONGER = {'data': {'synthetic_train_size': 256},  # 8 steps an epoch, 16 in all
+          'aug': {'auto_augment': 'rand-m9-mstd0.5-inc1', 'reprob': 0.25, 'mixup': 0.8, 'cutmix': 1.0},
+          'model': {'drop_rate': 0.2, 'drop_path_rate': 0.1},
+          'train': {'checkpoint_every_steps': 3, 'log_every': 4}}
+
+
+def weights(run_dir, name='last.pt'):
+    return checkpoint.load(run_dir / 'checkpoints' / name)
+
+
+def assert_same_weights(a, b):
+    for part in ('model', 'ema'):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f'{part}.{key} differs'
+    assert a['state'] == b['state']
+
+
+def start_training(recipe, out, *extra):
+    return subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--recipe', str(recipe), '--output', str(out),
+                             '--quiet', *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f'{path} never appeared'
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def reference(write_recipe, tmp_path):
+    """An uninterrupted run of the LONGER recipe: (recipe path, final checkpoint)."""
+    def make(workers):
+        recipe = write_recipe({**LONGER, 'data': {**LONGER['data'], 'num_workers': workers}}, name=f'w{workers}')
+        out = tmp_path / f'reference-{workers}'
+        assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
+        return recipe, weights(out)
+    return make
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_kill_9_mid_epoch_then_resume_auto_is_bit_identical(reference, tmp_path, workers):
+    recipe, expected = reference(workers)
+    out = tmp_path / 'killed'
+    process = start_training(recipe, out)
+    wait_for(out / 'checkpoints' / 'step-00000012.pt.json', process)  # mid second epoch
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    assert weights(out)['state']['samples_in_epoch'] > 0
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet']) == 0
+    assert_same_weights(weights(out), expected)
+
+
+def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_cleanly(reference, tmp_path):
+    recipe, expected = reference(0)
+    out = tmp_path / 'preempted'
+    process = start_training(recipe, out, '--set', 'train.checkpoint_every_steps=0')
+    wait_for(out / 'checkpoints' / 'step-00000008.pt.json', process)  # end of the first epoch
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert 'received SIGTERM' in stdout and '--resume auto' in stdout
+    stopped = weights(out)
+    assert 8 < stopped['state']['step'] < 16
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet',
+                       '--set', 'train.checkpoint_every_steps=0']) == 0
+    assert_same_weights(weights(out), expected)
+
+
+def test_max_steps_slices_a_run_and_resume_from_an_epoch_end_matches(reference, tmp_path):
+    recipe, expected = reference(0)
+    out = tmp_path / 'sliced'
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '8']) == 0
+    assert weights(out)['state']['step'] == 8
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
+    assert_same_weights(weights(out), expected)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys):
+    recipe, expected = reference(0)
+    out = tmp_path / 'corrupt'
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '10']) == 0
+    newest = out / 'checkpoints' / 'step-00000010.pt'
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: torch.load alone would not notice
+    newest.write_bytes(bytes(data))
+    (out / 'checkpoints' / '.step-00000011.pt.tmp-999').write_bytes(b'half a checkpoint')  # a crashed save
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
+    err = capsys.readouterr().err
+    assert 'step-00000010.pt is truncated or corrupt' in err and 'falling back' in err
+    assert_same_weights(weights(out), expected)
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(write_recipe, tmp_path, monkeypatch):
+    out = tmp_path / 'crash'
+    recipe = write_recipe({'train': {'checkpoint_every_steps': 2}})
+    saves = []
+    real_write = checkpoint.atomic_write
+
+    def crash_on_third_checkpoint(path, data):
+        if path.suffix == '.pt':
+            saves.append(path)
+            if len(saves) == 3:
+                tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+                tmp.write_bytes(data[: len(data) // 2])  # half written, then the process dies
+                raise SystemExit('killed while saving')
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, 'atomic_write', crash_on_third_checkpoint)
+    with pytest.raises(SystemExit):
+        train_main(['--recipe', str(recipe), '--output', str(out), '--quiet'])
+    found = checkpoint.Checkpointer(out / 'checkpoints', 2, True).latest_valid()
+    assert found is not None and found[0].name == saves[1].name
+    assert weights(out)['state']['step'] == 4
+
+
+def test_keeps_the_newest_step_checkpoints_plus_last_and_best(write_recipe, tmp_path):
+    out = tmp_path / 'keep'
+    recipe = write_recipe({'train': {'checkpoint_every_steps': 1, 'keep_checkpoints': 2},
+                           'schedule': {'epochs': 3, 'warmup_epochs': 0}})
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
+    names = sorted(p.name for p in (out / 'checkpoints').glob('*.pt'))
+    assert names == ['best.pt', 'last.pt', 'step-00000011.pt', 'step-00000012.pt']
+    history = weights(out)['state']['history']
+    best_epoch = max(range(3), key=lambda e: max(history[e]['top1'], history[e]['ema_top1']))
+    assert weights(out, 'best.pt')['state']['epoch'] == best_epoch + 1
+
+
+def test_best_is_only_replaced_by_a_better_metric(write_recipe, tmp_path):
+    out = tmp_path / 'best'
+    recipe = write_recipe({'optim': {'lr': 1e-12}, 'schedule': {'epochs': 3, 'warmup_epochs': 0},
+                           'ema': {'enabled': False}, 'aug': {'hflip': 0.0, 'scale': [1.0, 1.0],
+                                                              'ratio': [1.0, 1.0]}})
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
+    history = weights(out)['state']['history']
+    first_best = max(range(3), key=lambda e: (history[e]['top1'], -e))
+    assert weights(out, 'best.pt')['state']['epoch'] == first_best + 1
+
+
+def test_non_finite_loss_rolls_back_and_never_overwrites_a_good_checkpoint(write_recipe, tmp_path, capsys):
+    out = tmp_path / 'nan'
+    recipe = write_recipe({'ema': {'enabled': False}})
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '6']) == 0
+    good = {p.name: p.read_bytes() for p in (out / 'checkpoints').iterdir()}
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto',
+                       '--set', 'optim.lr=1e30', '--set', 'train.log_every=1']) == 2
+    err = capsys.readouterr().err
+    assert err.count('rolling back to') == 2
+    assert 'error: ' in err and 'lower optim.lr or set optim.clip_grad' in err
+    assert {p.name: p.read_bytes() for p in (out / 'checkpoints').iterdir()} == good
+    assert weights(out)['state']['step'] == 6
+
+
+def test_a_checkpoint_with_a_code_payload_is_refused(tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    path = tmp_path / 'step-00000001.pt'
+    torch.save({'format': checkpoint.FORMAT, 'model': Payload()}, path)
+    checkpoint.manifest_path(path).write_text(json.dumps({
+        'bytes': path.stat().st_size, 'sha256': __import__('hashlib').sha256(path.read_bytes()).hexdigest()}))
+    with pytest.raises(UserError, match='refused: it holds Python objects'):
+        checkpoint.load(path)
+    result = run_cli('validate.py', path)
+    assert result.returncode == 2 and 'refused' in result.stderr and 'Traceback' not in result.stderr
+    result = run_cli('train.py', '--resume', path, '--output', tmp_path / 'x')
+    assert result.returncode == 2 and 'refused' in result.stderr
+    assert not marker.exists()
+
+
+def test_resume_with_a_truncated_explicit_checkpoint_is_one_line(tmp_path, write_recipe):
+    out = tmp_path / 'trunc'
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet', '--max-steps', '2']) == 0
+    path = out / 'checkpoints' / 'step-00000002.pt'
+    path.write_bytes(path.read_bytes()[:1000])
+    result = run_cli('train.py', '--resume', path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f'error: checkpoint {path} is truncated or corrupt (checksum does not match its manifest)'
+    assert validate_main([str(path)]) == 2

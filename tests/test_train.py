@@ -1,0 +1,124 @@
+"""End to end through train.py / validate.py on tiny synthetic data."""
+import csv
+import json
+
+import pytest
+import torch
+
+from mnv_train import checkpoint
+from mnv_train.cli import train_main, validate_main
+
+from conftest import run_cli
+
+
+def final_weights(run_dir):
+    return checkpoint.load(run_dir / 'checkpoints' / 'last.pt')
+
+
+def test_training_writes_a_complete_run_folder_and_validate_reproduces_the_eval(write_recipe, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert train_main(['--recipe', str(write_recipe({'train': {'amp': 'bf16'}})), '--output', str(out)]) == 0
+    files = {p.name for p in (out / 'checkpoints').iterdir()}
+    assert {'last.pt', 'best.pt', 'last.pt.json', 'best.pt.json'} <= files
+    assert any(p.name.startswith('events.out.tfevents') for p in (out / 'tensorboard').iterdir())
+    assert (out / 'recipe.yaml').read_text().startswith('name: tiny')
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert {'top1', 'top5', 'ema_top1', 'ema_top5', 'train_loss', 'lr'} <= set(rows[0])
+
+    payload = final_weights(out)
+    assert payload['state']['step'] == 8 and payload['state']['epoch'] == 2
+    assert {'model', 'ema', 'optimizer', 'scaler', 'rng', 'recipe', 'plan'} <= set(payload)
+    capsys.readouterr()
+    for weights, column in (('ema', 'ema_top1'), ('raw', 'top1')):
+        assert validate_main([str(out / 'checkpoints' / 'last.pt'), '--weights', weights]) == 0
+        result = json.loads((out / 'checkpoints' / f'last.eval-{weights}-32-1.json').read_text())
+        assert result['top1'] == pytest.approx(float(rows[-1][column]), abs=1e-9)
+        assert result['count'] == 48
+    assert 'top-1' in capsys.readouterr().out
+
+
+def test_the_tiny_model_learns(write_recipe, tmp_path):
+    recipe = write_recipe({'schedule': {'epochs': 6, 'warmup_epochs': 1}, 'optim': {'lr': 0.004},
+                           'data': {'synthetic_train_size': 256}, 'ema': {'enabled': False}})
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) == 0
+    rows = list(csv.DictReader(open(tmp_path / 'run' / 'metrics.csv')))
+    assert float(rows[-1]['top1']) >= 75  # 4 classes: chance is 25 %
+    assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss'])
+
+
+def test_seeded_runs_are_bit_identical(write_recipe, tmp_path):
+    recipe = write_recipe({'aug': {'auto_augment': 'rand-m9-mstd0.5-inc1', 'reprob': 0.25, 'mixup': 0.8,
+                                   'cutmix': 1.0}, 'model': {'drop_rate': 0.2, 'drop_path_rate': 0.1}})
+    for name in ('a', 'b'):
+        assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / name), '--quiet']) == 0
+    a, b = final_weights(tmp_path / 'a'), final_weights(tmp_path / 'b')
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    changed = train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'c'), '--quiet',
+                          '--set', 'train.seed=7'])
+    assert changed == 0
+    c = final_weights(tmp_path / 'c')
+    assert not all(torch.equal(a['model'][k], c['model'][k]) for k in a['model'])
+
+
+def test_gradient_accumulation_takes_one_step_per_global_batch(write_recipe, tmp_path):
+    recipe = write_recipe({'train': {'global_batch_size': 64, 'batch_size': 16}})
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) == 0
+    payload = final_weights(tmp_path / 'run')
+    assert payload['plan'] == {'world_size': 1, 'per_device': 16, 'accum_steps': 4, 'global_batch': 64}
+    assert payload['state']['step'] == 2 * (128 // 64)
+    assert payload['state']['samples_seen'] == 2 * 128
+
+
+def test_print_and_list_recipes(write_recipe, capsys):
+    assert train_main(['--recipe', str(write_recipe()), '--print-recipe', '--set', 'optim.lr=0.01']) == 0
+    out = capsys.readouterr().out
+    assert 'lr: 0.01' in out and '# batch plan' in out
+    assert train_main(['--list-recipes']) == 0
+    assert 'fmnist_mnv4_conv_small' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--recipe', 'no_such_recipe'], "error: recipe 'no_such_recipe' not found"),
+    (['--recipe', 'fmnist_mnv4_conv_small', '--set', 'optim.lr=fast'], 'error: optim.lr: expected a number'),
+    (['--recipe', 'fmnist_mnv4_conv_small', '--data-dir', '/nonexistent'], 'error: Fashion-MNIST file'),
+    (['--resume', '/nonexistent/step-1.pt'], 'error: checkpoint /nonexistent/step-1.pt not found'),
+])
+def test_bad_input_is_one_line_on_stderr_without_traceback(args, message, tmp_path):
+    result = run_cli('train.py', *args, '--output', tmp_path / 'out')
+    assert result.returncode == 2
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+    assert result.stderr.startswith(message), result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_an_existing_run_is_never_overwritten(write_recipe, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet']) == 0
+    before = (out / 'checkpoints' / 'last.pt').read_bytes()
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(out)]) == 2
+    assert 'already holds checkpoints' in capsys.readouterr().err
+    assert (out / 'checkpoints' / 'last.pt').read_bytes() == before
+
+
+def test_validate_at_another_resolution_and_crop(write_recipe, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet']) == 0
+    target = tmp_path / 'eval.json'
+    assert validate_main([str(out / 'checkpoints' / 'best.pt'), '--img-size', '40', '--crop-pct', '0.9',
+                          '--json', str(target)]) == 0
+    result = json.loads(target.read_text())
+    assert (result['img_size'], result['crop_pct'], result['weights']) == (40, 0.9, 'ema')
+    assert 0 <= result['top1'] <= 100
+
+
+def test_validate_reads_plain_state_dicts_with_a_recipe(write_recipe, tmp_path, capsys):
+    out = tmp_path / 'run'
+    recipe = write_recipe({'ema': {'enabled': False}})
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
+    plain = tmp_path / 'weights.pth'
+    torch.save({'state_dict': final_weights(out)['model']}, plain)
+    assert validate_main([str(plain), '--recipe', str(recipe)]) == 0
+    assert validate_main([str(plain)]) == 2
+    assert 'carries no recipe' in capsys.readouterr().err
