@@ -10,7 +10,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from . import data, model as models
+from . import data, finetune, logs, model as models
 from .checkpoint import Checkpointer
 from .distributed import World
 from .errors import UserError
@@ -133,6 +133,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
         raise UserError(f'cannot tell the number of classes of {recipe.data.dataset}; set model.num_classes')
 
     module = models.create(recipe.model, num_classes)
+    for note in finetune.prepare(module, recipe.model, recipe.data.img_size):
+        logs.warn(note)
     norm = data.resolve_normalization(recipe.data, module)
     module = models.prepare(module, world.device, train_cfg.channels_last)
     plan = plan_batch(recipe, world.size, global_batch, per_device_batch)

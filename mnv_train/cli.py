@@ -39,6 +39,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='override a recipe value, e.g. --set optim.lr=0.002 (repeatable)')
     p.add_argument('--data-dir', help='dataset location (same as --set data.data_dir=...)')
+    p.add_argument('--init-from', metavar='PATH', help='start from these weights (.pt/.pth/.safetensors), for '
+                   'fine-tuning (same as --set model.pretrained_path=PATH)')
     p.add_argument('--output', help='run folder (default: runs/RECIPE_NAME)')
     p.add_argument('--resume', metavar='auto|PATH', help='continue a run: auto = newest valid checkpoint in --output')
     p.add_argument('--global-batch', type=int, help='run at this global batch instead of the recipe\'s '
@@ -46,6 +48,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, help='per-device batch (default: the recipe\'s train.batch_size)')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
     p.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and batch plan, then exit')
+    p.add_argument('--dry-run', action='store_true', help='build everything, report the schedule, LR, EMA and '
+                   'estimated time, then exit without training')
     p.add_argument('--list-recipes', action='store_true', help='list the shipped recipes, then exit')
     p.add_argument('--max-steps', type=int, default=0, help='checkpoint and stop after this many optimizer '
                    'steps (a slice of a long run, e.g. under a job time limit); --resume auto continues it')
@@ -56,6 +60,7 @@ def train_parser() -> argparse.ArgumentParser:
 def _load_recipe(args) -> tuple[recipes.Recipe, Optional[dict], Optional[Path]]:
     """The recipe, and for --resume PATH the checkpoint payload and its path."""
     overrides = list(args.overrides) + ([f'data.data_dir={args.data_dir}'] if args.data_dir else [])
+    overrides += [f'model.pretrained_path={args.init_from}'] if args.init_from else []
     payload = resume_path = None
     if args.resume and args.resume != 'auto':
         resume_path = Path(args.resume)
@@ -105,13 +110,16 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     world = distributed.init(args.device)
     logs.configure(world.is_main, args.quiet)
     run_dir = _run_dir(args, recipe, resume_path)
+    from . import diagnostics
+    from .build import build_run
+    from .engine import Interrupted, fit, StopFlag
+    if args.dry_run:
+        print(diagnostics.dry_run(build_run(recipe, world, run_dir, args.global_batch, args.batch_size)))
+        return 0
     existing = sorted((run_dir / 'checkpoints').glob('step-*.pt'))
     if existing and not args.resume:
         raise UserError(f'{run_dir} already holds checkpoints: pass --resume auto to continue that run, '
                         f'or --output for a new one')
-
-    from .build import build_run
-    from .engine import Interrupted, fit, StopFlag
     run = build_run(recipe, world, run_dir, args.global_batch, args.batch_size)
     if args.resume == 'auto':
         found = run.checkpointer.latest_valid()
@@ -139,6 +147,9 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         logs.summary(f'stopped at step {run.state.step} ({e}); checkpoint saved in {run_dir / "checkpoints"}; '
                   f'continue with --resume auto --output {run_dir}')
         return 0
+    if world.is_main:
+        from .report import write_report
+        write_report(run_dir)
     best = run.state.best_top1
     logs.summary(f'done: best top-1 {best:.2f} (epoch {run.state.best_epoch + 1}); checkpoints in '
               f'{run_dir / "checkpoints"}' if best is not None else 'done')

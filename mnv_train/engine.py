@@ -12,7 +12,7 @@ import time
 import torch
 from timm.utils import dispatch_clip_grad
 
-from . import checkpoint, logs
+from . import checkpoint, diagnostics, logs, precise_bn
 from .build import Run
 from .data import derive_seed, seed_everything
 from .errors import UserError
@@ -116,6 +116,8 @@ def evaluate(model: torch.nn.Module, loader, normalize, world, amp: str) -> dict
 
 def evaluate_all(run: Run) -> dict:
     """Raw and EMA weights on every eval set: {'top1': .., 'ema_top1': .., 'top1@448': ..}."""
+    if run.recipe.train.precise_bn_batches:
+        precise_bn.recalibrate_run(run)
     metrics = {}
     weights = [('', run.module)] + ([('ema_', run.ema.module)] if run.ema is not None else [])
     for eval_set in run.evals:
@@ -137,17 +139,12 @@ def end_epoch(run: Run, epoch: int, monitor: StepMonitor):
     if improved:
         state.best_top1, state.best_epoch = score, epoch
     state.history.append(row)
-    logs.summary(epoch_summary(run, row))
+    logs.summary(diagnostics.epoch_summary(run, row))
+    for warning in diagnostics.epoch_warnings(run):
+        logs.warn(warning)
     run.metrics.scalars(state.step, {f'eval/{k}': v for k, v in row.items() if k not in ('epoch', 'step')})
     monitor.save(is_best=improved)
     run.metrics.write_history(state.history)
-
-
-def epoch_summary(run: Run, row: dict) -> str:
-    parts = [f'epoch {row["epoch"] + 1}/{run.epochs}', f'step {row["step"]}', f'loss {row["train_loss"]:.4f}']
-    for key in sorted(k for k in row if 'top1' in k):
-        parts.append(f'{key} {row[key]:.2f}')
-    return '  '.join(parts)
 
 
 class StepMonitor:

@@ -103,7 +103,7 @@ def test_timm_weight_recipes_match_the_published_eval_configs(name):
     r = recipes.load(name)
     assert r.data.img_size == numbers(row['input_size'])[-1]
     assert r.data.crop_pct == float(row['crop_pct'])
-    assert r.schedule.epochs == int(re.search(r'_e(\d+)_', TIMM[name]).group(1))
+    assert r.schedule.epochs == int(re.search(r'[._]e(\d+)_', TIMM[name]).group(1))
     eval_size, eval_crop = numbers(row['test_input_size'])[-1], float(row['test_crop_pct'])
     assert (r.provenance.eval_img_size, r.provenance.eval_crop_pct) == (eval_size, eval_crop)
     assert r.data.extra_evals == [[eval_size, eval_crop]]
@@ -119,14 +119,14 @@ def test_timm_weight_recipes_match_the_published_eval_configs(name):
 
 @pytest.mark.parametrize('name', ALL)
 def test_every_recipe_builds_and_trains_one_step_on_cpu(name, tmp_path):
-    recipe = recipes.load(name, ['data.dataset=synthetic', 'data.img_size=64', 'data.synthetic_train_size=4',
+    recipe = recipes.load(name, ['data.dataset=synthetic', 'data.img_size=64', 'data.synthetic_train_size=8',
                                  'data.synthetic_val_size=4', 'data.num_workers=0', 'train.global_batch_size=4',
                                  'train.batch_size=4', 'data.extra_evals=[]'])
     run = build_run(recipe, World(), tmp_path)
-    assert run.steps_per_epoch == 1
+    assert run.steps_per_epoch == 2  # the first step runs at warmup_lr 0
     before = [p.detach().clone() for p in run.module.parameters()]
     train_one_epoch(run, 0, StepMonitor(run, StopFlag()))
-    assert run.state.step == 1
+    assert run.state.step == 2
     changed = sum(not torch.equal(a, b) for a, b in zip(before, run.module.parameters()))
     assert changed > 0.5 * len(before)
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
@@ -138,5 +138,6 @@ def test_print_recipe_shows_values_after_batch_scaling(capsys, monkeypatch):
     assert train_main(['--recipe', 'mnv4_hybrid_large', '--print-recipe']) == 0
     out = capsys.readouterr().out
     assert 'lr: 0.01' in out
-    assert '#   this run              3 process(es) x 128 per device x 43 accumulation = 16512' in out
-    assert '#   lr                    0.01 -> 0.01004' in out
+    assert '#   this run              3 process(es) x 127 per device x 43 accumulation = 16383' in out
+    assert '#   lr                    0.01 -> 0.00999969 (sqrt rule' in out
+    assert '16384 does not split over 3 process(es); using the nearest, 16383' in out
