@@ -58,7 +58,8 @@ class Run:
     train_loader: torch.utils.data.DataLoader
     steps_per_epoch: int
     evals: list
-    normalize: data.DeviceNormalize
+    train_input: data.DeviceNormalize  # collated train batch -> normalised device batch
+    normalize: data.DeviceNormalize  # the same for evaluation batches
     augment: data.BatchAugment
     checkpointer: Checkpointer
     metrics: MetricsLog
@@ -119,6 +120,18 @@ def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, ba
     return sets
 
 
+def train_pipeline(recipe: Recipe, source, norm: data.Normalization, world: World):
+    """(dataset, collate_fn, device input) for training: PIL on the host, or JPEG decode on the device."""
+    channels_last = recipe.train.channels_last
+    if recipe.data.decode == 'device':
+        from . import device_decode
+        dataset = device_decode.EncodedDataset(source, device_decode.CropPlanner(recipe.aug), recipe.data.img_size)
+        return dataset, device_decode.collate, device_decode.DeviceDecode(norm, world.device, channels_last,
+                                                                          recipe.data.img_size)
+    dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm))
+    return dataset, data.fast_collate, data.DeviceNormalize(norm, world.device, channels_last)
+
+
 def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optional[int] = None,
               per_device_batch: Optional[int] = None) -> Run:
     train_cfg = recipe.train
@@ -149,10 +162,9 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
                         f'batch of {plan.global_batch}; lower train.global_batch_size')
-    train_loader = data.make_loader(
-        data.TransformedDataset(train_source, data.train_transform(recipe.data, recipe.aug, norm)),
-        train_sampler, plan.per_device, recipe.data.num_workers, drop_last=True,
-        pin_memory=world.device.type == 'cuda')
+    train_dataset, collate, train_input = train_pipeline(recipe, train_source, norm, world)
+    train_loader = data.make_loader(train_dataset, train_sampler, plan.per_device, recipe.data.num_workers,
+                                    drop_last=True, pin_memory=world.device.type == 'cuda', collate_fn=collate)
 
     optimizer = create_optimizer(module, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
@@ -170,7 +182,7 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
         scaler=torch.amp.GradScaler(world.device.type, enabled=train_cfg.amp == 'fp16'),
         loss_fn=TrainLoss(recipe.loss), train_sampler=train_sampler, train_loader=train_loader,
         steps_per_epoch=steps_per_epoch, evals=eval_sets(recipe, val_source, norm, world, plan.per_device),
-        normalize=data.DeviceNormalize(norm, world.device, train_cfg.channels_last),
+        train_input=train_input, normalize=data.DeviceNormalize(norm, world.device, train_cfg.channels_last),
         augment=data.BatchAugment(recipe.aug, num_classes, recipe.loss.smoothing, world.device),
         checkpointer=Checkpointer(Path(run_dir) / 'checkpoints', train_cfg.keep_checkpoints, world.is_main),
         metrics=MetricsLog(Path(run_dir), world.is_main))

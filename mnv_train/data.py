@@ -160,6 +160,16 @@ class TimmImages:
     def __len__(self):
         return len(self.dataset)
 
+    def read_bytes(self, index: int) -> tuple[bytes, int]:
+        source, target = self.dataset.reader[index][:2]
+        try:
+            if hasattr(source, 'read'):
+                return source.read(), int(target)
+            with open(source, 'rb') as f:
+                return f.read(), int(target)
+        except OSError as e:
+            raise UserError(f'cannot read image {self.describe(index)}: {e}') from None
+
     def load(self, index: int):
         source, target = self.dataset.reader[index][:2]
         try:
@@ -276,9 +286,10 @@ class ShardSampler(Sampler):
         return ((i, None) for i in self.indices)
 
 
-def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool, pin_memory: bool):
+def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool, pin_memory: bool,
+                collate_fn=fast_collate):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=fast_collate, pin_memory=pin_memory, drop_last=drop_last,
+                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
 
@@ -293,9 +304,30 @@ class DeviceNormalize:
         self.std = torch.tensor([s * 255 for s in norm.std], device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor):
+    def __call__(self, batch):
+        images, targets = batch
         images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
         return images.contiguous(memory_format=self.memory_format), targets.to(self.device, non_blocking=True)
+
+
+def device_batches(loader, normalize: DeviceNormalize):
+    """Normalised batches on the device. On CUDA the next batch is copied and normalised on a side stream
+    while the current one computes, so the host never waits for a copy."""
+    if normalize.device.type != 'cuda':
+        yield from map(normalize, loader)
+        return
+    stream, ready = torch.cuda.Stream(), None
+    for batch in loader:
+        with torch.cuda.stream(stream):
+            upcoming = normalize(batch)
+        if ready is not None:
+            yield ready
+        torch.cuda.current_stream().wait_stream(stream)
+        for tensor in upcoming:
+            tensor.record_stream(torch.cuda.current_stream())
+        ready = upcoming
+    if ready is not None:
+        yield ready
 
 
 class BatchAugment:

@@ -14,7 +14,7 @@ from timm.utils import dispatch_clip_grad
 
 from . import checkpoint, diagnostics, logs, precise_bn
 from .build import Run
-from .data import derive_seed, seed_everything
+from .data import derive_seed, device_batches, seed_everything
 from .errors import UserError
 
 STEP_STREAM = 0x5EED  # keeps per-step seeds apart from per-sample ones
@@ -55,12 +55,9 @@ def train_one_epoch(run: Run, epoch: int, monitor: StepMonitor):
     for batch_index, (images, targets) in epoch_batches(run, epoch):
         seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, state.step, batch_index % accum,
                                     run.world.rank))
-        images, targets = run.augment(*run.normalize(images, targets), epoch)
+        images, targets = run.augment(images, targets, epoch)
         finishing = (batch_index + 1) % accum == 0
-        with run.no_sync(finishing), run.autocast():
-            loss = run.loss_fn(run.model(images), targets)
-        run.scaler.scale(loss / accum).backward()
-        monitor.record(loss.detach())
+        monitor.record(forward_backward(run, images, targets, finishing))
         if finishing:
             optimizer_step(run)
             state.samples_in_epoch += run.plan.global_batch
@@ -68,13 +65,22 @@ def train_one_epoch(run: Run, epoch: int, monitor: StepMonitor):
             monitor.after_step()
 
 
+def forward_backward(run: Run, images, targets, finishing: bool) -> torch.Tensor:
+    """One micro-batch: loss and gradients (all-reduced by DDP only on the step's last micro-batch)."""
+    with run.no_sync(finishing), run.autocast():
+        loss = run.loss_fn(run.model(images), targets)
+    run.scaler.scale(loss / run.plan.accum_steps).backward()
+    return loss.detach()
+
+
 def epoch_batches(run: Run, epoch: int):
-    """(batch index within the epoch, batch) from the run's position, for exactly the epoch's optimizer steps."""
+    """(batch index within the epoch, device batch) from the run's position, for the epoch's optimizer steps."""
     per_step = run.world.size * run.plan.per_device
     done = run.state.samples_in_epoch // per_step
     run.train_sampler.set_position(epoch, done * run.plan.per_device)
     remaining = max(0, run.steps_per_epoch * run.plan.accum_steps - done)
-    return zip(itertools.count(done), itertools.islice(run.train_loader, remaining))
+    batches = device_batches(itertools.islice(run.train_loader, remaining), run.train_input)
+    return zip(itertools.count(done), batches)
 
 
 def optimizer_step(run: Run):
@@ -98,8 +104,7 @@ def evaluate(model: torch.nn.Module, loader, normalize, world, amp: str) -> dict
     from .build import autocast
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
-    for images, targets in loader:
-        images, targets = normalize(images, targets)
+    for images, targets in device_batches(loader, normalize):
         with autocast(amp, world.device):
             logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]

@@ -75,6 +75,7 @@ class DataConfig:
     mean: Optional[list] = None  # None: the model's pretrained config
     std: Optional[list] = None
     num_workers: int = _f(2, ge=0)
+    decode: Literal['host', 'device'] = 'host'  # device: JPEG decode + crop + flip on the training device
     synthetic_train_size: int = _f(512, ge=1)
     synthetic_val_size: int = _f(128, ge=1)
     synthetic_classes: int = _f(10, ge=2)
@@ -152,6 +153,7 @@ class TrainConfig:
     eval_every: int = _f(1, ge=1)  # epochs
     log_every: int = _f(50, ge=1)  # optimizer steps
     keep_checkpoints: int = _f(2, ge=1)  # step checkpoints kept besides last and best
+    keep_best_checkpoints: int = _f(0, ge=0)  # also keep the k best-evaluated ones (python -m mnv_train.average)
     checkpoint_every_steps: int = _f(0, ge=0)  # 0: only at epoch ends
     checkpoint_every_minutes: float = _f(0.0, ge=0)
     max_bad_steps: int = _f(20, ge=1)  # consecutive non-finite losses before rolling back

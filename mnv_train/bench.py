@@ -1,0 +1,160 @@
+"""Throughput of a recipe three ways, to tell what bounds a run: the model, the input pipeline, or neither.
+
+  python -m mnv_train.bench --recipe mnv4_conv_small --data-dir /data/imagenet --steps 50
+
+(a) model: forward + backward + optimizer step on batches already on the device;
+(b) input: decode + the recipe's augmentations + copy/normalise on the device, no model;
+(c) train: the real training loop (engine.train_one_epoch), data and model together.
+End to end should come within ~10 % of min(a, b); a bigger gap points at the glue between them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import distributed, logs
+from . import recipe as recipes
+from .build import Run, build_run
+from .cli import guarded
+from .errors import UserError
+from .engine import StepMonitor, StopFlag, epoch_batches, forward_backward, optimizer_step, train_one_epoch
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def model_rate(run: Run, steps: int, warmup: int) -> float:
+    """img/s of optimizer steps on one fixed batch that already sits on the device."""
+    per_device, size = run.plan.per_device, run.recipe.data.img_size
+    memory_format = torch.channels_last if run.recipe.train.channels_last else torch.contiguous_format
+    images = torch.randn(per_device, 3, size, size, device=run.world.device).contiguous(memory_format=memory_format)
+    targets = torch.randint(0, run.module.num_classes, (per_device,), device=run.world.device)
+    run.model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(run.world.device)
+            start = time.perf_counter()
+        forward_backward(run, images, targets, finishing=True)
+        optimizer_step(run)
+    _sync(run.world.device)
+    return steps * per_device * run.world.size / (time.perf_counter() - start)
+
+
+def input_rate(run: Run, steps: int, warmup: int) -> float:
+    """img/s of the training input pipeline alone, delivered normalised on the device."""
+    count, start = 0, None
+    for i, (_, (images, _targets)) in enumerate(epoch_batches(run, epoch=0)):
+        if i == warmup:
+            _sync(run.world.device)
+            start = time.perf_counter()
+        elif i > warmup:
+            count += len(images)
+        if i == warmup + steps:
+            break
+    _sync(run.world.device)
+    if start is None or count == 0:
+        raise ValueError('too few batches')
+    return count * run.world.size / (time.perf_counter() - start)
+
+
+class _StopAfter(StepMonitor):
+    """Times optimizer steps of the real loop and stops it after a fixed number; nothing is saved."""
+
+    class Done(Exception):
+        pass
+
+    def __init__(self, run: Run, steps: int, warmup: int):
+        super().__init__(run, StopFlag())
+        self.steps, self.warmup, self.start = steps, warmup, None
+
+    def after_step(self):
+        done = self.run.state.step
+        if done == self.warmup:
+            _sync(self.run.world.device)
+            self.start = time.perf_counter()
+        if done == self.warmup + self.steps:
+            _sync(self.run.world.device)
+            raise self.Done()
+
+
+def train_rate(run: Run, steps: int, warmup: int) -> float:
+    timer = _StopAfter(run, steps, warmup)
+    try:
+        train_one_epoch(run, 0, timer)
+    except _StopAfter.Done:
+        return steps * run.plan.global_batch / (time.perf_counter() - timer.start)
+    raise ValueError('too few batches')
+
+
+def bench(run: Run, steps: int, warmup: int) -> dict:
+    needed = (steps + warmup) * run.plan.accum_steps + 1
+    if run.steps_per_epoch * run.plan.accum_steps < needed:
+        raise UserError(f'an epoch has {run.steps_per_epoch * run.plan.accum_steps} batches; the benchmark needs '
+                        f'{needed}: lower --steps or use a larger dataset')
+    result = {'input': input_rate(run, steps, warmup)}
+    result['model'] = model_rate(run, steps, warmup)
+    run.state.step = 0
+    result['train'] = train_rate(run, steps, warmup)
+    bound = min(result['input'], result['model'])
+    result.update({'bound_by': 'input' if result['input'] < result['model'] else 'model',
+                   'train_vs_bound': result['train'] / bound})
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m mnv_train.bench', description=__doc__.split('\n\n')[0])
+    p.add_argument('--recipe', required=True)
+    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE')
+    p.add_argument('--data-dir')
+    p.add_argument('--img-size', type=int, help='default: the recipe\'s')
+    p.add_argument('--batch-size', type=int, help='per device (default: the recipe\'s train.batch_size)')
+    p.add_argument('--workers', type=int, help='loader workers per process (default: the recipe\'s)')
+    p.add_argument('--steps', type=int, default=20, help='timed optimizer steps per measurement')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compile, cudnn autotune, caches)')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--json', help='write the figures here')
+    return p
+
+
+@guarded
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = list(args.overrides)
+    overrides += [f'data.data_dir={args.data_dir}'] if args.data_dir else []
+    overrides += [f'data.img_size={args.img_size}'] if args.img_size else []
+    overrides += [f'data.num_workers={args.workers}'] if args.workers is not None else []
+    recipe = recipes.load(args.recipe, overrides)
+    world = distributed.init(args.device)
+    logs.configure(world.is_main, quiet=True)
+    batch = args.batch_size or recipe.train.batch_size
+    with tempfile.TemporaryDirectory() as scratch:  # the run writes nothing worth keeping
+        run = build_run(recipe, world, Path(scratch), global_batch=batch * world.size, per_device_batch=batch)
+        result = bench(run, args.steps, args.warmup)
+    result.update({'recipe': recipe.name, 'model_name': recipe.model.name, 'img_size': recipe.data.img_size,
+                   'per_device_batch': run.plan.per_device, 'world_size': world.size,
+                   'device': torch.cuda.get_device_name() if world.device.type == 'cuda' else 'cpu',
+                   'threads': torch.get_num_threads(), 'workers': recipe.data.num_workers,
+                   'amp': recipe.train.amp, 'channels_last': recipe.train.channels_last,
+                   'compile': recipe.train.compile, 'steps': args.steps})
+    if world.is_main:
+        print(f'{recipe.name} {recipe.model.name} @{recipe.data.img_size}, batch {run.plan.per_device} x '
+              f'{world.size} on {result["device"]}')
+        for key, label in (('model', 'model only'), ('input', 'input pipeline'), ('train', 'end to end')):
+            print(f'  {label:15s} {result[key]:10.1f} img/s')
+        print(f'  bound by the {result["bound_by"]}; end to end = {100 * result["train_vs_bound"]:.0f} % of it')
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

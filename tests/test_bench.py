@@ -1,0 +1,42 @@
+"""The benchmark tool and the pre-resize tool, on tiny data."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from mnv_train import bench, preresize
+
+
+def test_bench_reports_three_rates_and_the_bound(write_recipe, tmp_path, capsys):
+    recipe = write_recipe({'data': {'synthetic_train_size': 256}, 'train': {'batch_size': 8}})
+    out = tmp_path / 'bench.json'
+    assert bench.main(['--recipe', str(recipe), '--steps', '4', '--warmup', '1', '--json', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(result[k] > 0 for k in ('model', 'input', 'train'))
+    assert result['bound_by'] in ('model', 'input')
+    assert result['train_vs_bound'] == result['train'] / min(result['model'], result['input'])
+    assert result['per_device_batch'] == 8 and result['img_size'] == 32
+    printed = capsys.readouterr().out
+    assert 'model only' in printed and 'input pipeline' in printed and 'end to end' in printed
+
+
+def test_bench_refuses_a_dataset_too_small_for_the_steps(write_recipe, capsys):
+    assert bench.main(['--recipe', str(write_recipe()), '--steps', '50']) == 2
+    assert 'the benchmark needs' in capsys.readouterr().err
+
+
+def test_preresize_shrinks_the_shorter_side_and_keeps_the_tree(tmp_path, capsys):
+    source = tmp_path / 'src'
+    (source / 'train' / 'cat').mkdir(parents=True)
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(source / 'train' / 'cat' / 'big.jpg')
+    Image.fromarray(np.zeros((50, 80, 3), np.uint8)).save(source / 'train' / 'cat' / 'small.png')
+    (source / 'train' / 'cat' / 'broken.jpg').write_bytes(b'no image')
+    target = tmp_path / 'dst'
+    assert preresize.main([str(source), str(target), '--shorter-side', '100', '--workers', '1']) == 1
+    assert Image.open(target / 'train' / 'cat' / 'big.jpg').size == (133, 100)
+    assert Image.open(target / 'train' / 'cat' / 'small.jpg').size == (80, 50)  # never enlarged
+    out = capsys.readouterr().out
+    assert 'broken.jpg' in out and '2 written, 1 unreadable' in out
+    assert preresize.main([str(source), str(target), '--shorter-side', '100', '--workers', '1']) == 1
+    assert '0 written, 1 unreadable' in capsys.readouterr().out  # done files are skipped
+    assert preresize.main([str(source), str(source), '--shorter-side', '100']) == 2
