@@ -23,7 +23,7 @@ from . import recipe as recipes
 from .build import Run, build_run
 from .cli import guarded
 from .errors import UserError
-from .engine import StepMonitor, StopFlag, epoch_batches, forward_backward, optimizer_step, train_one_epoch
+from .engine import StepBudget, epoch_batches, forward_backward, optimizer_step, train_steps
 
 
 def _sync(device: torch.device):
@@ -65,33 +65,11 @@ def input_rate(run: Run, steps: int, warmup: int) -> float:
     return count * run.world.size / (time.perf_counter() - start)
 
 
-class _StopAfter(StepMonitor):
-    """Times optimizer steps of the real loop and stops it after a fixed number; nothing is saved."""
-
-    class Done(Exception):
-        pass
-
-    def __init__(self, run: Run, steps: int, warmup: int):
-        super().__init__(run, StopFlag())
-        self.steps, self.warmup, self.start = steps, warmup, None
-
-    def after_step(self):
-        done = self.run.state.step
-        if done == self.warmup:
-            _sync(self.run.world.device)
-            self.start = time.perf_counter()
-        if done == self.warmup + self.steps:
-            _sync(self.run.world.device)
-            raise self.Done()
-
-
 def train_rate(run: Run, steps: int, warmup: int) -> float:
-    timer = _StopAfter(run, steps, warmup)
-    try:
-        train_one_epoch(run, 0, timer)
-    except _StopAfter.Done:
-        return steps * run.plan.global_batch / (time.perf_counter() - timer.start)
-    raise ValueError('too few batches')
+    """img/s of the real training loop (engine.train_one_epoch), timed after the warm-up steps."""
+    budget = StepBudget(run, warmup + steps)
+    train_steps(run, budget)
+    return steps * run.plan.global_batch / (budget.step_ends[-1] - budget.step_ends[warmup - 1])
 
 
 def bench(run: Run, steps: int, warmup: int) -> dict:
@@ -118,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, help='per device (default: the recipe\'s train.batch_size)')
     p.add_argument('--workers', type=int, help='loader workers per process (default: the recipe\'s)')
     p.add_argument('--steps', type=int, default=20, help='timed optimizer steps per measurement')
-    p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compile, cudnn autotune, caches)')
+    p.add_argument('--warmup', type=int, default=3, choices=range(1, 1000), metavar='N',
+                   help='untimed steps first (compile, cudnn autotune, caches); at least 1')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='write the figures here')
     return p

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from timm.utils import ModelEmaV3
@@ -120,6 +120,12 @@ def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, ba
     return sets
 
 
+def create_ema(module: torch.nn.Module, plan: BatchPlan, recipe: Recipe) -> ModelEmaV3:
+    """timm's ModelEmaV3 with the decay and start step rescaled to this run's global batch."""
+    return ModelEmaV3(module, decay=plan.ema_decay, use_warmup=recipe.ema.warmup,
+                      update_after_step=plan.ema_start_step)
+
+
 def train_pipeline(recipe: Recipe, source, norm: data.Normalization, world: World):
     """(dataset, collate_fn, device input) for training: PIL on the host, or JPEG decode on the device."""
     channels_last = recipe.train.channels_last
@@ -151,10 +157,7 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     norm = data.resolve_normalization(recipe.data, module)
     module = models.prepare(module, world.device, train_cfg.channels_last)
     plan = plan_batch(recipe, world.size, global_batch, per_device_batch)
-    ema = None
-    if recipe.ema.enabled:
-        ema = ModelEmaV3(module, decay=plan.ema_decay, use_warmup=recipe.ema.warmup,
-                         update_after_step=plan.ema_start_step)
+    ema = create_ema(module, plan, recipe) if recipe.ema.enabled else None
 
     train_sampler = data.EpochSampler(len(train_source), world.rank, world.size, train_cfg.seed,
                                       recipe.aug.aug_repeats)
@@ -184,5 +187,6 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
         steps_per_epoch=steps_per_epoch, evals=eval_sets(recipe, val_source, norm, world, plan.per_device),
         train_input=train_input, normalize=data.DeviceNormalize(norm, world.device, train_cfg.channels_last),
         augment=data.BatchAugment(recipe.aug, num_classes, recipe.loss.smoothing, world.device),
-        checkpointer=Checkpointer(Path(run_dir) / 'checkpoints', train_cfg.keep_checkpoints, world.is_main),
+        checkpointer=Checkpointer(Path(run_dir) / 'checkpoints', train_cfg.keep_checkpoints, world.is_main,
+                                  train_cfg.keep_best_checkpoints),
         metrics=MetricsLog(Path(run_dir), world.is_main))

@@ -73,6 +73,18 @@ def _torch_load(data: bytes, path: Path) -> dict:
         raise UserError(f'checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]})') from None
 
 
+def write(path: Path, payload: dict, meta: dict):
+    """A checkpoint and its manifest (sha256, size, meta), each written atomically; the manifest goes last,
+    so a crash in between leaves a file that fails its check rather than one that passes wrongly."""
+    buffer = io.BytesIO()
+    torch.save({**payload, 'format': FORMAT}, buffer)
+    data = buffer.getvalue()
+    manifest = {**meta, 'format': FORMAT, 'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+    atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
+
+
 def load(path: Path) -> dict:
     """A checkpoint written by `save`, after checking its size and sha256 against the manifest."""
     path = Path(path)
@@ -109,31 +121,43 @@ def load_state_dict(path: Path, use_ema: bool) -> dict:
 
 
 class Checkpointer:
-    """Writes step checkpoints (rank 0 only), keeps the newest `keep` plus last and best."""
+    """Writes step checkpoints (rank 0 only), keeps the newest `keep`, the `keep_best` best-evaluated ones
+    (for checkpoint averaging), and last and best."""
 
-    def __init__(self, directory: Path, keep: int, is_writer: bool):
-        self.directory, self.keep, self.is_writer = Path(directory), keep, is_writer
+    def __init__(self, directory: Path, keep: int, is_writer: bool, keep_best: int = 0):
+        self.directory, self.keep, self.is_writer, self.keep_best = Path(directory), keep, is_writer, keep_best
 
     def step_files(self) -> list[Path]:
         return sorted(self.directory.glob('step-*.pt'), reverse=True)
 
+    def ranked(self, key: str) -> list[tuple[float, Path]]:
+        """(metric, step file) by `key` ('top1', 'ema_top1'), best first, for files evaluated at their own step
+        (a mid-epoch save carries the previous epoch's metrics, which are not its own)."""
+        scored = []
+        for path in self.step_files():
+            try:
+                manifest = read_manifest(path)
+            except UserError:
+                continue
+            metrics = manifest.get('metrics') or {}
+            if metrics.get('step') == manifest.get('step') and key in metrics:
+                scored.append((metrics[key], path))
+        return sorted(scored, key=lambda item: item[0], reverse=True)
+
     def save(self, payload: dict, meta: dict, is_best: bool) -> Optional[Path]:
         if not self.is_writer:
             return None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save({**payload, 'format': FORMAT}, buffer)
-        data = buffer.getvalue()
         path = self.directory / f'step-{meta["step"]:08d}.pt'
-        manifest = {**meta, 'format': FORMAT, 'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
-        atomic_write(path, data)
-        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
+        write(path, payload, meta)
         for name in ('last.pt',) + (('best.pt',) if is_best else ()):
             _link(path, self.directory / name)
             _link(manifest_path(path), manifest_path(self.directory / name))
+        best = ({kept for key in ('top1', 'ema_top1') for _, kept in self.ranked(key)[:self.keep_best]}
+                if self.keep_best else set())
         for old in self.step_files()[self.keep:]:
-            old.unlink(missing_ok=True)
-            manifest_path(old).unlink(missing_ok=True)
+            if old not in best:
+                old.unlink(missing_ok=True)
+                manifest_path(old).unlink(missing_ok=True)
         return path
 
     def latest_valid(self) -> Optional[tuple[Path, dict]]:

@@ -114,7 +114,9 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     from .build import build_run
     from .engine import Interrupted, fit, StopFlag
     if args.dry_run:
-        print(diagnostics.dry_run(build_run(recipe, world, run_dir, args.global_batch, args.batch_size)))
+        report = diagnostics.dry_run(build_run(recipe, world, run_dir, args.global_batch, args.batch_size))
+        if world.is_main:
+            print(report)
         return 0
     existing = sorted((run_dir / 'checkpoints').glob('step-*.pt'))
     if existing and not args.resume:
@@ -171,6 +173,8 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, help='eval resolution (default: the recipe\'s)')
     p.add_argument('--crop-pct', type=float, help='center crop fraction (default: the recipe\'s)')
     p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--precise-bn', type=int, default=0, metavar='N',
+                   help='recompute BatchNorm statistics over N training batches before evaluating')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='where to write the result (default: beside the checkpoint)')
     return p
@@ -178,8 +182,8 @@ def validate_parser() -> argparse.ArgumentParser:
 
 @guarded
 def validate_main(argv: Optional[list[str]] = None) -> int:
-    from . import data, model as models
-    from .build import EvalSet, eval_sets
+    from . import data, model as models, precise_bn
+    from .build import EvalSet, autocast, eval_sets
     from .engine import evaluate
 
     args = validate_parser().parse_args(argv)
@@ -222,10 +226,19 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     module = models.prepare(module, world.device, recipe.train.channels_last)
     eval_set: EvalSet = eval_sets(recipe, source, norm, world, args.batch_size)[0]
     normalize = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
+    recalibrated = 0
+    if args.precise_bn:
+        with autocast(recipe.train.amp, world.device):
+            recalibrated = precise_bn.recalibrate(
+                module, precise_bn.recipe_batches(recipe, norm, world, args.batch_size), args.precise_bn)
+        precise_bn.average_over_ranks(module, world)
+        if recalibrated < args.precise_bn:
+            logs.warn(f'--precise-bn {args.precise_bn}: the training split has only {recalibrated} batches of '
+                      f'{args.batch_size} for this process')
     result = evaluate(module, eval_set.loader, normalize, world, recipe.train.amp)
     result.update({'checkpoint': str(path), 'weights': 'ema' if use_ema else 'raw', 'model': recipe.model.name,
                    'img_size': eval_set.img_size, 'crop_pct': eval_set.crop_pct, 'split': recipe.data.val_split,
-                   'dataset': recipe.data.dataset})
+                   'dataset': recipe.data.dataset, 'precise_bn_batches': recalibrated})
     expected = expected_top1(recipe.provenance, eval_set.img_size, recipe.data.img_size)
     if expected is not None:
         result['expected_top1'] = expected
@@ -237,8 +250,9 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
         if expected is not None:
             line += f'  expected {expected:.3f} ({result["delta_top1"]:+.3f})'
         print(line)
+        recalibration = f'-pbn{recalibrated}' if recalibrated else ''
         out = Path(args.json) if args.json else path.with_name(
-            f'{path.stem}.eval-{result["weights"]}-{eval_set.img_size}-{eval_set.crop_pct:g}.json')
+            f'{path.stem}.eval-{result["weights"]}-{eval_set.img_size}-{eval_set.crop_pct:g}{recalibration}.json')
         out.write_text(json.dumps(result, indent=1))
         print(f'wrote {out}')
     return 0

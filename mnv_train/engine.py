@@ -287,3 +287,38 @@ class StepMonitor:
 
 class RolledBack(Exception):
     """The run went back to an earlier checkpoint; the epoch loop restarts from the restored state."""
+
+
+class BudgetSpent(Exception):
+    """The monitor has seen all the optimizer steps it was given (or chose to stop early)."""
+
+
+class StepBudget(StepMonitor):
+    """The real training step for a fixed number of optimizer steps, without logging, checkpoints or stop votes.
+
+    Shared by the LR range test and the --dry-run benchmark, so that both measure exactly what training runs.
+    step_ends holds time.perf_counter() after each step, with the device drained first.
+    """
+
+    def __init__(self, run: Run, steps: int):
+        super().__init__(run, StopFlag())
+        self.steps = steps
+        self.step_ends: list[float] = []
+
+    def after_step(self):
+        if self.run.world.device.type == 'cuda':
+            torch.cuda.synchronize(self.run.world.device)
+        self.step_ends.append(time.perf_counter())
+        if len(self.step_ends) >= self.steps:
+            raise BudgetSpent()
+
+
+def train_steps(run: Run, monitor: StepBudget):
+    """engine.train_one_epoch over as many epochs as the monitor's budget needs."""
+    epoch = run.state.epoch
+    try:
+        while True:
+            train_one_epoch(run, epoch, monitor)
+            epoch, run.state.samples_in_epoch = epoch + 1, 0
+    except BudgetSpent:
+        pass

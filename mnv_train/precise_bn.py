@@ -1,6 +1,99 @@
-"""BatchNorm recalibration ("precise BN"). (Placeholder: filled in by the transfer issue.)"""
+"""BatchNorm recalibration ("precise BN"): running statistics recomputed for the weights as they are now.
+
+Running averages blend the statistics of many past weights. With a low BN momentum, after fast changes, or
+for averaged weights (EMA, checkpoint averages) they no longer describe what the current weights compute, and
+evaluation suffers. Averaging the batch statistics of a few training batches through the current weights
+repairs that.
+"""
 from __future__ import annotations
+
+import itertools
+from typing import Iterable, Iterator, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import data, finetune, logs
+
+
+def recalibrate(model: Union[nn.Module, Sequence[nn.Module]], batches: Iterable[torch.Tensor],
+                num_batches: int) -> int:
+    """Set the running mean/var of model's BatchNorm layers to their average over num_batches input batches.
+
+    Several models (raw and EMA weights) can share one pass over the data. Only BatchNorm runs in training
+    mode, so dropout and stochastic depth stay off as at evaluation; frozen layers (model.freeze) keep their
+    statistics. Returns the number of batches used; with none, nothing changes.
+    """
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    layers = [layer for m in models for layer in m.modules()
+              if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+              and not finetune.has_frozen_statistics(layer)]
+    modes = {module: module.training for m in models for module in m.modules()}
+    momenta = {layer: layer.momentum for layer in layers}
+    used = 0
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            for images in itertools.islice(batches, num_batches):
+                if used == 0:
+                    for layer in layers:
+                        layer.reset_running_stats()
+                        layer.momentum = None  # cumulative average: every batch weighs the same
+                        layer.train()
+                for m in models:
+                    m(images)
+                used += 1
+    finally:
+        for layer, momentum in momenta.items():
+            layer.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
+    return used
+
+
+def loader_batches(loader, sampler: data.EpochSampler, device_input, epoch: int) -> Iterator[torch.Tensor]:
+    """Device images from the start of `epoch`: the same samples and per-sample augmentation seeds every time,
+    so recalibration is deterministic. Batch-level mixing and erasing are left out: evaluation never sees them.
+    The training loop sets the sampler's position itself, so borrowing it does not disturb resume."""
+    sampler.set_position(epoch, 0)
+    return (images for images, _ in data.device_batches(loader, device_input))
+
+
+def recipe_batches(recipe, norm: data.Normalization, world, batch_size: int) -> Iterator[torch.Tensor]:
+    """loader_batches for tools that have a recipe but no run (validate.py, average)."""
+    from .build import train_pipeline
+    source = data.open_source(recipe.data, 'train', recipe.train.seed)
+    sampler = data.EpochSampler(len(source), world.rank, world.size, recipe.train.seed)
+    dataset, collate, device_input = train_pipeline(recipe, source, norm, world)
+    loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
+                              pin_memory=world.device.type == 'cuda', collate_fn=collate)
+    return loader_batches(loader, sampler, device_input, epoch=0)
+
+
+def average_over_ranks(model: nn.Module, world):
+    """Every rank saw its own shard; the mean of their statistics keeps the replicas identical."""
+    if not world.distributed:
+        return
+    buffers = [b for layer in model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+               and layer.track_running_stats for b in (layer.running_mean, layer.running_var)]
+    flat = torch.cat([b.flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world.size
+    for b, values in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(values.view_as(b))
 
 
 def recalibrate_run(run):
     """Recompute BN running statistics of the raw and EMA weights over run.recipe.train.precise_bn_batches."""
+    wanted = run.recipe.train.precise_bn_batches
+    models = [run.module] + ([run.ema.module] if run.ema is not None else [])
+    batches = loader_batches(run.train_loader, run.train_sampler, run.train_input, run.state.epoch)
+    with run.autocast():
+        used = recalibrate(models, batches, wanted)
+    if used < wanted:
+        logs.warn(f'precise BN used {used} batches, not train.precise_bn_batches={wanted}: the training split '
+                  f'has no more for this process')
+    for model in models:
+        average_over_ranks(model, run.world)

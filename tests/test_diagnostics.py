@@ -1,0 +1,124 @@
+"""--dry-run, the epoch line and the stagnation warnings, on tiny synthetic data."""
+import math
+import re
+
+import pytest
+
+from mnv_train import diagnostics, distributed
+from mnv_train import recipe as recipes
+from mnv_train.build import build_run
+from mnv_train.cli import train_main
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 2000, path
+
+
+@pytest.fixture
+def built(write_recipe, tmp_path):
+    """built({'ema': {...}}) -> a freshly built (untrained) run of the tiny recipe with those changes."""
+    def build(changes=None):
+        return build_run(recipes.load(str(write_recipe(changes))), distributed.init('cpu'), tmp_path / 'run')
+    return build
+
+
+def history(top1, ema_top1=None, train_loss=None, step_per_epoch=4):
+    rows = []
+    for epoch, value in enumerate(top1):
+        rows.append({'epoch': epoch, 'step': (epoch + 1) * step_per_epoch, 'lr': 0.001,
+                     'train_loss': train_loss[epoch] if train_loss else 1.4 - 0.1 * epoch, 'top1': value,
+                     **({'ema_top1': ema_top1[epoch]} if ema_top1 else {})})
+    return rows
+
+
+def test_dry_run_reports_the_schedule_ema_and_speed_and_plots_the_lr(write_recipe, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--dry-run']) == 0
+    text = capsys.readouterr().out
+    # TINY: 128 samples / global batch 32 = 4 steps per epoch, 2 epochs, warmup 0.5 epoch = 2 steps, then cosine
+    total, warmup, peak = 8, 2, 0.002
+    assert f'{total} optimizer steps of 32 samples' in text and '16 per device x 2 accumulation' in text
+    warmup_end = 0.5 * peak * (1 + math.cos(math.pi * warmup / total))
+    final = 0.5 * peak * (1 + math.cos(math.pi * (total - 1) / total))
+    assert re.search(rf'warmup end +2 +0\.50 +{warmup_end:.4g}\n', text)
+    assert re.search(rf'final step +7 +1\.75 +{final:.4g}\n', text)
+    assert f'half-life {math.log(0.5) / math.log(0.9):.1f} steps' in text
+    full_decay_step = math.ceil((1 - 0.9) ** -1.5 - 1) + 1  # ModelEmaV3 warmup: 1 - (1 + k)^-2/3 >= 0.9
+    assert f'would reach 0.9 only at step {full_decay_step}' in text
+    assert 's per optimizer step' in text and 'estimated training time' in text
+    assert 'name: tiny' in text and 'batch plan' in text
+    assert f'LR schedule plot: {out / "lr_schedule.png"}' in text
+    assert_png(out / 'lr_schedule.png')
+    assert not (out / 'checkpoints').exists()
+
+
+def test_epoch_summary_marks_ema_numbers_while_the_ema_is_warming_up(built):
+    run = built({'ema': {'decay': 0.99, 'warmup': False}})
+    warm = 1 + math.ceil(math.log(0.5) / math.log(0.99))  # the EMA copies the model at step 1, then averages
+    row = {'epoch': 0, 'step': 4, 'lr': 0.001, 'train_loss': 1.3, 'top1': 40.0, 'ema_top1': 25.0}
+    assert diagnostics.epoch_summary(run, row).endswith(f'ema_top1 25.00  (EMA warming up until step {warm})')
+    assert 'warming up' not in diagnostics.epoch_summary(run, {**row, 'step': warm})
+    assert 'warming up' not in diagnostics.epoch_summary(built({'ema': {'decay': 0.99, 'warmup': True}}), row)
+
+
+def test_a_flat_run_warns_with_its_own_numbers(write_recipe, tmp_path, capsys):
+    recipe = write_recipe({'data': {'img_size': 56, 'synthetic_train_size': 32, 'synthetic_val_size': 16},
+                           'model': {'drop_rate': 0.5}, 'optim': {'lr': 1e-9},
+                           'schedule': {'epochs': 3, 'warmup_epochs': 0},
+                           'ema': {'warmup': False, 'decay': 0.99}, 'train': {'batch_size': 32}})
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: top-1')]
+    assert len(warnings) == 1  # only after the third evaluation
+    warning = warnings[0]
+    assert 'over the last 3 evaluations (epochs 1-3' in warning
+    assert 'train loss is flat too' in warning and 'peak lr 1e-09' in warning
+    assert '56 px gives a 2x2 final feature map (model stride 32)' in warning
+    assert 'dropout 0.5' in warning
+    assert 'half-life of 69 steps and has averaged 2 of the 3 steps done' in warning
+
+
+def test_stuck_at_chance_names_the_causes_that_apply(built):
+    run = built({'model': {'drop_path_rate': 0.3}})
+    run.state.history = history([25.0, 26.0, 24.0])
+    run.state.step = 12
+    [warning] = diagnostics.epoch_warnings(run)
+    assert warning.startswith('top-1 stayed at chance level (25 % for 4 classes) over the last 3 evaluations')
+    assert 'train loss falls (1.4000 -> 1.2000) but eval does not' in warning
+    assert 'drop-path 0.3' in warning and '32 px gives a 1x1 final feature map' in warning
+
+
+def test_unchanged_top1_above_chance_warns(built):
+    run = built()
+    run.state.history = history([61.0, 61.0, 61.02])
+    [warning] = diagnostics.epoch_warnings(run)
+    assert warning.startswith('top-1 did not change over the last 3 evaluations (epochs 1-3: 61.00, 61.00, 61.02)')
+    run.state.history = history([61.0, 61.0, 61.0], train_loss=[1.0, 1.5, 2.0])
+    [warning] = diagnostics.epoch_warnings(run)
+    assert 'train loss rose (1.0000 -> 2.0000): peak lr 0.002' in warning and 'likely too high' in warning
+
+
+def test_an_ema_that_lags_a_learning_model_gets_its_own_warning(built):
+    run = built({'ema': {'decay': 0.999, 'warmup': False}})
+    run.state.history = history([40.0, 55.0, 70.0], ema_top1=[25.0, 25.0, 25.0])
+    run.state.step = 12
+    [warning] = diagnostics.epoch_warnings(run)
+    assert warning.startswith('EMA top-1 stayed at chance level')
+    assert 'while raw top-1 moved (40.00 -> 70.00)' in warning
+    assert 'half-life of 693 steps and has averaged 11 of the 12 steps done' in warning
+
+
+def test_only_a_stalled_top1_warns(built):
+    run = built()
+    run.state.history = history([40.0, 40.0, 40.0], ema_top1=[35.0, 50.0, 66.0])
+    assert len(diagnostics.epoch_warnings(run)) == 1
+    run.state.history = history([40.0, 55.0, 70.0], ema_top1=[35.0, 50.0, 66.0])  # healthy
+    assert diagnostics.epoch_warnings(run) == []
+    run.state.history = history([25.0, 25.0])  # too early to judge
+    assert diagnostics.epoch_warnings(run) == []
+    flat = history([25.0, 25.0, 25.0])
+    flat[-1] = {key: value for key, value in flat[-1].items() if key != 'top1'}  # last epoch not evaluated
+    run.state.history = flat
+    assert diagnostics.epoch_warnings(run) == []

@@ -1,0 +1,123 @@
+"""report.md and its plots, from a finished run and from run folders written by hand."""
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mnv_train import recipe as recipes
+from mnv_train.cli import train_main
+from mnv_train.errors import UserError
+from mnv_train.report import fit_hint, main, write_report
+
+from conftest import REPO, TINY, merge
+
+PLOTS = ('loss.png', 'lr.png', 'top1.png', 'gap.png')
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 2000, path
+
+
+def table(report: str) -> list[list[str]]:
+    """The per-epoch table of report.md, header first, as cells."""
+    lines = [line for line in report.splitlines() if line.startswith('| ')]
+    return [[cell.strip() for cell in line.strip('|').split('|')] for line in lines]
+
+
+def write_run(folder, rows, recipe_changes=None, manifest=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'recipe.yaml').write_text(recipes.from_dict(merge(TINY, recipe_changes or {})).to_yaml())
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(folder / 'metrics.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    if manifest is not None:
+        (folder / 'checkpoints').mkdir()
+        (folder / 'checkpoints' / 'last.pt.json').write_text(json.dumps(manifest))
+    return folder
+
+
+def row(epoch, step, train_loss, loss, top1, ema_top1, **extra):
+    return {'epoch': epoch, 'step': step, 'lr': 0.001, 'train_loss': train_loss, 'top1': top1, 'top5': 90.0,
+            'loss': loss, 'ema_top1': ema_top1, 'ema_top5': 90.0, 'ema_loss': loss, **extra}
+
+
+def test_training_ends_with_a_report_that_shows_every_eval_size(write_recipe, tmp_path):
+    out = tmp_path / 'run'
+    recipe = write_recipe({'data': {'synthetic_train_size': 32, 'synthetic_val_size': 16, 'extra_evals': [[40, 1.0]]},
+                           'train': {'batch_size': 32}})
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
+    report = (out / 'report.md').read_text()
+    header = table(report)[0]
+    assert header[:6] == ['epoch', 'step', 'lr', 'train loss', 'eval loss', 'gap']
+    assert header[6:] == ['top1', 'top1@40', 'ema_top1', 'ema_top1@40', 'EMA']
+    assert '- best top1@40:' in report
+    for name in PLOTS:
+        assert_png(out / 'plots' / name)
+        assert f'](plots/{name})' in report
+
+
+def test_report_marks_ema_warming_up_and_reads_the_run_global_batch(tmp_path):
+    rows = [row(0, 4, 1.4, 1.3, 40.0, 25.0), row(1, 8, 1.2, 1.1, 55.0, 30.0), row(2, 80, 1.0, 0.9, 70.0, 66.0)]
+    folder = write_run(tmp_path / 'run', rows, {'ema': {'decay': 0.99, 'warmup': False}})
+    warm = 1 + math.ceil(math.log(0.5) / math.log(0.99))  # 70: the EMA copies the model at step 1, then averages
+    assert rows[1]['step'] < warm < rows[2]['step']
+    cells = table(write_report(folder).read_text())
+    assert [line[-1] for line in cells[1:]] == ['warming up', 'warming up', '']
+    assert cells[1][5] == '-0.1000'  # gap: eval loss - train loss
+
+    # run at global batch 128 instead of the recipe's 32: decay 0.99 ** 4 per step, half-life 17.3 steps
+    rows = [row(0, 4, 1.4, 1.3, 40.0, 25.0), row(1, 20, 1.2, 1.1, 55.0, 30.0)]
+    folder = write_run(tmp_path / 'bigger', rows, {'ema': {'decay': 0.99, 'warmup': False}},
+                       manifest={'step': 20, 'samples_seen': 20 * 128})
+    report = write_report(folder).read_text()
+    assert 'at global batch 128' in report
+    assert [line[-1] for line in table(report)[1:]] == ['warming up', '']
+
+
+def test_fit_hints():
+    overfit = [row(0, 4, 1.4, 1.0, 50.0, 50.0), row(1, 8, 1.0, 0.8, 60.0, 60.0), row(2, 12, 0.6, 0.95, 58.0, 58.0)]
+    assert fit_hint(overfit).startswith('overfitting: eval loss rose from 0.8000 (epoch 2) to 0.9500')
+    improving = [row(0, 4, 1.4, 1.2, 50.0, 50.0), row(1, 8, 1.2, 1.0, 60.0, 60.0)]
+    assert fit_hint(improving).startswith('underfitting: eval loss was still falling at the last epoch')
+    assert 'more regularized than it needs' in fit_hint(improving)
+    level = [row(0, 4, 1.4, 1.0, 50.0, 50.0), row(1, 8, 1.0, 0.8, 60.0, 60.0), row(2, 12, 0.9, 0.81, 60.0, 60.0)]
+    assert fit_hint(level).startswith('levelled off')
+    assert fit_hint(level[:1]) == 'too few evaluated epochs to judge the fit'
+
+
+def test_report_cli_on_a_run_folder(tmp_path, capsys):
+    folder = write_run(tmp_path / 'run', [row(0, 4, 1.4, 1.3, 40.0, 25.0), row(1, 8, 1.2, 1.1, 55.0, 30.0)])
+    assert main([str(folder)]) == 0
+    assert f'report: {folder / "report.md"}' in capsys.readouterr().out
+    for name in PLOTS:
+        assert_png(folder / 'plots' / name)
+
+
+@pytest.mark.parametrize('metrics, message', [
+    (None, 'metrics.csv not found'),
+    ('', 'holds no epochs yet'),
+    ('epoch,step,lr,train_loss\n', 'holds no epochs yet'),
+    ('epoch,step,lr,train_loss\n0,4,fast,1.0\n', "column 'lr' holds 'fast', not a number"),
+])
+def test_missing_or_broken_metrics_are_one_line_errors(tmp_path, metrics, message):
+    folder = write_run(tmp_path / 'run', [row(0, 4, 1.4, 1.3, 40.0, 25.0)])
+    if metrics is None:
+        (folder / 'metrics.csv').unlink()
+    else:
+        (folder / 'metrics.csv').write_text(metrics)
+    with pytest.raises(UserError, match=message):
+        write_report(folder)
+
+
+def test_python_dash_m_report_fails_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, '-m', 'mnv_train.report', str(tmp_path)], capture_output=True,
+                            text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr == f'error: {tmp_path / "metrics.csv"} not found: not a run folder, or no epoch has ' \
+                            f'finished yet\n'
