@@ -68,10 +68,7 @@ def evaluate_weights(recipe: recipes.Recipe, state_dict: dict, world, batch_size
 
     source = data.open_source(recipe.data, recipe.data.val_split, recipe.train.seed)
     module = models.create(recipe.model, recipe.model.num_classes or getattr(source, 'num_classes', None))
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise UserError(f'the averaged weights do not fit {recipe.model.name}: {str(e).splitlines()[0]}') from None
+    models.load_weights(module, state_dict, 'the averaged weights')
     norm = data.resolve_normalization(recipe.data, module)
     module = models.prepare(module, world.device, recipe.train.channels_last)
     if precise_bn_batches:

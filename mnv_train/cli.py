@@ -216,12 +216,7 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     logs.configure(world.is_main, False)
     source = data.open_source(recipe.data, recipe.data.val_split, recipe.train.seed)
     num_classes = recipe.model.num_classes or getattr(source, 'num_classes', None)
-    module = models.create(recipe.model, num_classes)
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise UserError(f'{path} does not fit {recipe.model.name} with {num_classes} classes: '
-                        f'{str(e).splitlines()[0]}') from None
+    module = models.load_weights(models.create(recipe.model, num_classes), state_dict, str(path))
     norm = data.resolve_normalization(recipe.data, module)
     module = models.prepare(module, world.device, recipe.train.channels_last)
     eval_set: EvalSet = eval_sets(recipe, source, norm, world, args.batch_size)[0]

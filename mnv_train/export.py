@@ -60,12 +60,7 @@ def build_model(recipe: recipes.Recipe, state_dict: dict, num_classes: int, path
     from . import model as models
     with set_layer_config(scriptable=True, exportable=True):
         module = models.create(recipe.model, num_classes)
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise UserError(f'{path} does not fit {recipe.model.name} with {num_classes} classes: '
-                        f'{str(e).splitlines()[0]}') from None
-    return module.eval()
+    return models.load_weights(module, state_dict, str(path)).eval()
 
 
 def check_images(recipe: recipes.Recipe, source, norm, count: int) -> torch.Tensor:

@@ -22,6 +22,18 @@ def create(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def load_weights(model: nn.Module, state_dict: dict, source: str) -> nn.Module:
+    """Strict load; weights of another architecture or class count fail in one line naming where they came from."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [str(e)]  # past the header
+        raise UserError(f'{source} does not fit {name} with {getattr(model, "num_classes", "?")} classes: '
+                        f'{detail[0][:200]}') from None
+    return model
+
+
 def set_batchnorm(model: nn.Module, momentum, eps):
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -122,3 +122,8 @@ def test_validate_reads_plain_state_dicts_with_a_recipe(write_recipe, tmp_path, 
     assert validate_main([str(plain), '--recipe', str(recipe)]) == 0
     assert validate_main([str(plain)]) == 2
     assert 'carries no recipe' in capsys.readouterr().err
+    other = write_recipe({'model': {'name': 'mobilenetv3_small_100'}}, name='other')
+    assert validate_main([str(plain), '--recipe', str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f'{plain} does not fit mobilenetv3_small_100 with 4 classes: Missing key(s) in state_dict' in err
+    assert err.count('\n') == 1
