@@ -29,6 +29,18 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+ONE_EPOCH = {'schedule': {'epochs': 1, 'warmup_epochs': 0.25}}
+
+
+def train_tiny(root: Path, changes: dict, name: str = 'tiny') -> tuple[Path, Path]:
+    """Train the tiny recipe with these changes into root/run, as train.py would: (recipe path, run folder)."""
+    from mnv_train.cli import train_main
+    recipe = root / f'{name}.yaml'
+    recipe.write_text(yaml.safe_dump(merge(TINY, changes)))
+    assert train_main(['--recipe', str(recipe), '--output', str(root / 'run'), '--quiet']) == 0
+    return recipe, root / 'run'
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """write_recipe({'optim': {'lr': 0.1}}) -> path of the tiny recipe with those changes."""

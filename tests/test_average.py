@@ -5,12 +5,11 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from mnv_train import average, checkpoint
 from mnv_train.cli import validate_main
 
-from conftest import REPO, TINY, merge
+from conftest import REPO, train_tiny
 
 THREE_EPOCHS = {'data': {'synthetic_train_size': 64}, 'schedule': {'epochs': 3, 'warmup_epochs': 0.5},
                 'train': {'keep_checkpoints': 10}}
@@ -43,12 +42,7 @@ def test_pruning_keeps_the_best_evaluated_checkpoints_by_raw_and_ema_top1(tmp_pa
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     """A tiny run with EMA and a checkpoint with eval metrics at each of its 3 epochs."""
-    from mnv_train.cli import train_main
-    root = tmp_path_factory.mktemp('average')
-    recipe = root / 'three.yaml'
-    recipe.write_text(yaml.safe_dump(merge(TINY, THREE_EPOCHS)))
-    assert train_main(['--recipe', str(recipe), '--output', str(root / 'run'), '--quiet']) == 0
-    return root / 'run'
+    return train_tiny(tmp_path_factory.mktemp('average'), THREE_EPOCHS, name='three')[1]
 
 
 def test_average_of_the_top_k_is_evaluated_and_saved(run_dir, capsys):

@@ -6,24 +6,16 @@ import sys
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from mnv_train import checkpoint, export
 from mnv_train.cli import train_main, validate_main
 
-from conftest import REPO, TINY, merge
-
-ONE_EPOCH = {'schedule': {'epochs': 1, 'warmup_epochs': 0.25}}
-
+from conftest import ONE_EPOCH, REPO, merge, train_tiny
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp('export')
-    recipe = root / 'tiny.yaml'
-    recipe.write_text(yaml.safe_dump(merge(TINY, ONE_EPOCH)))
-    assert train_main(['--recipe', str(recipe), '--output', str(root / 'run'), '--quiet']) == 0
-    return root / 'run' / 'checkpoints' / 'last.pt'
+    return train_tiny(tmp_path_factory.mktemp('export'), ONE_EPOCH)[1] / 'checkpoints' / 'last.pt'
 
 
 def release_files(directory):

@@ -2,7 +2,6 @@
 import pytest
 import timm
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from mnv_train import checkpoint, finetune, model as models
@@ -14,19 +13,12 @@ from mnv_train.engine import StepMonitor, StopFlag, train_one_epoch
 from mnv_train.errors import UserError
 from mnv_train.recipe import ModelConfig
 
-from conftest import TINY, merge, run_cli
-
-ONE_EPOCH = {'schedule': {'epochs': 1, 'warmup_epochs': 0.25}}
-
+from conftest import ONE_EPOCH, run_cli, train_tiny
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
     """best.pt of a tiny 4-class run with EMA, trained at 32 px."""
-    root = tmp_path_factory.mktemp('pretrained')
-    recipe = root / 'source.yaml'
-    recipe.write_text(yaml.safe_dump(merge(TINY, ONE_EPOCH)))
-    assert train_main(['--recipe', str(recipe), '--output', str(root / 'run'), '--quiet']) == 0
-    return root / 'run' / 'checkpoints' / 'best.pt'
+    return train_tiny(tmp_path_factory.mktemp('pretrained'), ONE_EPOCH, name='source')[1] / 'checkpoints' / 'best.pt'
 
 
 def fresh(num_classes=4, **model):

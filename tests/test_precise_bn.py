@@ -6,7 +6,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 
 from mnv_train import checkpoint, data, finetune, model as models, precise_bn
 from mnv_train import recipe as recipes
@@ -14,7 +13,7 @@ from mnv_train.build import build_run
 from mnv_train.cli import train_main, validate_main
 from mnv_train.distributed import World
 
-from conftest import TINY, merge
+from conftest import train_tiny
 
 PRECISE = {'train': {'precise_bn_batches': 2}, 'aug': {'mixup': 0.8}, 'model': {'drop_path_rate': 0.1}}
 
@@ -92,11 +91,7 @@ def test_frozen_batchnorm_keeps_its_statistics():
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """A tiny run with EMA, mixup, drop path and precise BN: (recipe path, run folder)."""
-    root = tmp_path_factory.mktemp('precise')
-    recipe = root / 'precise.yaml'
-    recipe.write_text(yaml.safe_dump(merge(TINY, PRECISE)))
-    assert train_main(['--recipe', str(recipe), '--output', str(root / 'run'), '--quiet']) == 0
-    return recipe, root / 'run'
+    return train_tiny(tmp_path_factory.mktemp('precise'), PRECISE, name='precise')
 
 
 def test_run_statistics_are_recalibrated_for_raw_and_ema_weights_deterministically(trained, tmp_path):
