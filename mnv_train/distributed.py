@@ -44,14 +44,6 @@ class World:
         if self.distributed:
             dist.barrier()
 
-    def broadcast(self, obj):
-        """Rank 0's value of a picklable object, on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
     """'gpu[01-03,07],cpu5' -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'cpu5']."""
