@@ -135,6 +135,18 @@ class SyntheticImages:
         return f'synthetic sample {index}'
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
+
+
+def open_image(source, name: str) -> Image.Image:
+    """A fully decoded RGB image from a path or file object; a file PIL cannot decode is a UserError naming it."""
+    try:
+        with Image.open(source) as image:
+            return image.convert('RGB')
+    except UNREADABLE as e:
+        raise UserError(f'cannot read image {name}: {e}') from None
+
+
 class TimmImages:
     """Map-style datasets through timm's readers: image folders (and tar files), 'hfds/...'."""
 
@@ -172,12 +184,7 @@ class TimmImages:
 
     def load(self, index: int):
         source, target = self.dataset.reader[index][:2]
-        try:
-            image = Image.open(source)
-            image = image.convert('RGB')
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f'cannot read image {self.describe(index)}: {e}') from None
-        return image, int(target)
+        return open_image(source, self.describe(index)), int(target)
 
     def describe(self, index: int) -> str:
         try:
