@@ -138,6 +138,27 @@ def train_pipeline(recipe: Recipe, source, norm: data.Normalization, world: Worl
     return dataset, data.fast_collate, data.DeviceNormalize(norm, world.device, channels_last)
 
 
+def use_sync_bn(wanted: bool, world: World) -> bool:
+    """SyncBatchNorm only means something across processes, and torch runs it on CUDA devices only."""
+    if wanted and world.distributed and world.device.type != 'cuda':
+        logs.warn('train.sync_bn: SyncBatchNorm needs CUDA devices; this run keeps per-process BatchNorm')
+    return wanted and world.distributed and world.device.type == 'cuda'
+
+
+def build_model(recipe: Recipe, num_classes: int, sync_bn: bool) -> torch.nn.Module:
+    """The model as it trains: created, SyncBatchNorm if asked, then initialised and frozen as the recipe says.
+
+    The conversion comes first so that freezing registers its hooks on the layers that will run, and the EMA,
+    copied from this module later, holds the same layers.
+    """
+    module = models.create(recipe.model, num_classes)
+    if sync_bn:
+        module = models.sync_batchnorm(module)
+    for note in finetune.prepare(module, recipe.model, recipe.data.img_size):
+        logs.warn(note)
+    return module
+
+
 def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optional[int] = None,
               per_device_batch: Optional[int] = None) -> Run:
     train_cfg = recipe.train
@@ -145,15 +166,13 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     set_determinism(train_cfg.deterministic)
     data.seed_everything(train_cfg.seed)  # same initial weights on every rank
 
-    train_source = data.open_source(recipe.data, 'train', train_cfg.seed)
+    train_source = data.open_source(recipe.data, recipe.data.train_split, train_cfg.seed)
     val_source = data.open_source(recipe.data, recipe.data.val_split, train_cfg.seed)
     num_classes = recipe.model.num_classes or getattr(train_source, 'num_classes', None)
     if not num_classes:
         raise UserError(f'cannot tell the number of classes of {recipe.data.dataset}; set model.num_classes')
 
-    module = models.create(recipe.model, num_classes)
-    for note in finetune.prepare(module, recipe.model, recipe.data.img_size):
-        logs.warn(note)
+    module = build_model(recipe, num_classes, sync_bn=use_sync_bn(train_cfg.sync_bn, world))
     norm = data.resolve_normalization(recipe.data, module)
     module = models.prepare(module, world.device, train_cfg.channels_last)
     plan = plan_batch(recipe, world.size, global_batch, per_device_batch)
@@ -172,8 +191,6 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     optimizer = create_optimizer(module, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
     model = module
-    if train_cfg.sync_bn and world.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if train_cfg.compile:
         model = torch.compile(model)
     if world.distributed:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -189,10 +190,6 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     args = validate_parser().parse_args(argv)
     path = Path(args.checkpoint)
     overrides = list(args.overrides) + ([f'data.data_dir={args.data_dir}'] if args.data_dir else [])
-    if args.img_size:
-        overrides += [f'data.eval_img_size={args.img_size}']
-    if args.crop_pct:
-        overrides += [f'data.crop_pct={args.crop_pct}']
     if args.split:
         overrides += [f'data.val_split={args.split}']
     overrides += ['data.extra_evals=[]']
@@ -211,6 +208,8 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     else:
         use_ema = args.weights == 'ema'
         state_dict = checkpoint.load_state_dict(path, use_ema)
+    setting = eval_setting(recipe, args.img_size, args.crop_pct)
+    recipe.data.eval_img_size, recipe.data.crop_pct = setting.img_size, setting.crop_pct
 
     world = distributed.init(args.device)
     logs.configure(world.is_main, False)
@@ -234,16 +233,17 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     result.update({'checkpoint': str(path), 'weights': 'ema' if use_ema else 'raw', 'model': recipe.model.name,
                    'img_size': eval_set.img_size, 'crop_pct': eval_set.crop_pct, 'split': recipe.data.val_split,
                    'dataset': recipe.data.dataset, 'precise_bn_batches': recalibrated})
-    expected = expected_top1(recipe.provenance, eval_set.img_size, recipe.data.img_size)
-    if expected is not None:
-        result['expected_top1'] = expected
-        result['delta_top1'] = result['top1'] - expected
+    result['crop_source'] = setting.crop_source
+    if setting.expected_top1 is not None:
+        result['expected_top1'] = setting.expected_top1
+        result['delta_top1'] = result['top1'] - setting.expected_top1
     if world.is_main:
+        print(f'evaluating at {setting.img_size} px, crop {setting.crop_pct:g} ({setting.crop_source})')
         line = (f'{path.name} ({result["weights"]} weights) @{eval_set.img_size} crop {eval_set.crop_pct:g}: '
                 f'top-1 {result["top1"]:.3f}  top-5 {result["top5"]:.3f}  loss {result["loss"]:.4f}  '
                 f'({result["count"]} images)')
-        if expected is not None:
-            line += f'  expected {expected:.3f} ({result["delta_top1"]:+.3f})'
+        if setting.expected_top1 is not None:
+            line += f'  expected {setting.expected_top1:.3f} ({result["delta_top1"]:+.3f})'
         print(line)
         recalibration = f'-pbn{recalibrated}' if recalibrated else ''
         out = Path(args.json) if args.json else path.with_name(
@@ -253,10 +253,34 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def expected_top1(provenance, img_size: int, train_img_size: int) -> Optional[float]:
-    """The published figure for this eval resolution, if the recipe's provenance has one."""
-    if provenance.eval_img_size and img_size == provenance.eval_img_size:
-        return provenance.expected_top1_eval
-    if img_size == train_img_size:
-        return provenance.expected_top1
-    return None
+@dataclass
+class EvalSetting:
+    img_size: int
+    crop_pct: float
+    crop_source: str  # why this crop: the user's flag, the published eval setting, or the recipe
+    expected_top1: Optional[float]  # the published figure for exactly this size and crop, if there is one
+
+
+def eval_setting(recipe: recipes.Recipe, img_size: Optional[int], crop_pct: Optional[float]) -> EvalSetting:
+    """The size and crop to evaluate at, and the published top-1 to compare with.
+
+    At the provenance's eval size (e.g. 448 for a 384-trained model) the published figure was measured with the
+    provenance's crop (1.0), not the recipe's train-time crop, so that crop is the default there. A published
+    figure is compared only when both size and crop are the ones it was measured at.
+    """
+    data, provenance = recipe.data, recipe.provenance
+    size = img_size or data.eval_img_size or data.img_size
+    published_crop = provenance.eval_crop_pct or data.crop_pct
+    at_published_size = provenance.eval_img_size is not None and size == provenance.eval_img_size
+    if crop_pct:
+        crop, source = crop_pct, '--crop-pct'
+    elif at_published_size and provenance.eval_crop_pct is not None:
+        crop, source = published_crop, f'provenance.eval_crop_pct, the published setting at {size} px'
+    else:
+        crop, source = data.crop_pct, 'the recipe\'s data.crop_pct'
+    expected = None
+    if at_published_size and crop == published_crop:
+        expected = provenance.expected_top1_eval
+    elif size == (data.eval_img_size or data.img_size) and crop == data.crop_pct:
+        expected = provenance.expected_top1
+    return EvalSetting(size, crop, source, expected)

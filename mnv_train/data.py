@@ -112,9 +112,9 @@ class FashionMNIST:
 class SyntheticImages:
     """Deterministic, learnable images: each class has its own colour and stripe direction, plus noise."""
 
-    def __init__(self, size: int, num_classes: int, img_size: int, seed: int, split: str):
+    def __init__(self, size: int, num_classes: int, img_size: int, seed: int, training: bool):
         self.size, self.num_classes, self.img_size = size, num_classes, img_size
-        self.split_seed = seed * 2 + (split == 'train')
+        self.split_seed = seed * 2 + training
         rng = np.random.default_rng(seed)
         self.colors = rng.integers(40, 216, size=(num_classes, 3))
         self.angles = rng.uniform(0, np.pi, size=num_classes)
@@ -150,7 +150,7 @@ def open_image(source, name: str) -> Image.Image:
 class TimmImages:
     """Map-style datasets through timm's readers: image folders (and tar files), 'hfds/...'."""
 
-    def __init__(self, name: str, root: Optional[str], split: str):
+    def __init__(self, name: str, root: Optional[str], split: str, training: bool):
         if name != 'hfds' and not name.startswith('hfds/'):
             if not root:
                 raise UserError('data.data_dir is not set: pass --data-dir with train/ and validation/ folders')
@@ -159,9 +159,11 @@ class TimmImages:
         if name.split('/')[0] in ('tfds', 'wds', 'hfids'):
             raise UserError(f'data.dataset {name!r}: iterable datasets cannot be resumed exactly; '
                             f'use an image folder or hfds/')
+        if name == 'folder' and Path(root).is_dir():
+            check_split_folder(Path(root), split)
         try:
             self.dataset = create_dataset('' if name == 'folder' else name, root=root, split=split,
-                                          is_training=split == 'train')
+                                          is_training=training)
         except (FileNotFoundError, RuntimeError, ValueError, AssertionError) as e:
             raise UserError(f'cannot open {name} split {split!r} under {root}: {e}') from None
         if len(self.dataset) == 0:
@@ -193,13 +195,28 @@ class TimmImages:
             return f'sample {index}'
 
 
+SPLIT_SYNONYMS = ({'train', 'training'}, {'val', 'valid', 'validation', 'eval', 'evaluation'})  # as timm's
+
+
+def check_split_folder(root: Path, split: str):
+    """timm falls back to the root folder when a split's folder is missing, and would then take the other
+    splits' folders for classes; a missing split is an error here. An empty split means the root itself."""
+    names = {split} | next((group for group in SPLIT_SYNONYMS if split in group), set())
+    if split and not any((root / name).exists() for name in names):
+        found = ', '.join(sorted(p.name for p in root.iterdir() if p.is_dir())[:8]) or 'no folders'
+        raise UserError(f'no {split!r} folder under {root} (it holds {found}); set data.train_split / '
+                        f'data.val_split to the folder names, or \'\' for class folders directly under it')
+
+
 def open_source(cfg: DataConfig, split: str, seed: int):
+    """The samples of one split; data.train_split names the one that trains, any other is evaluated."""
+    training = split == cfg.train_split
     if cfg.dataset == 'synthetic':
-        size = cfg.synthetic_train_size if split == 'train' else cfg.synthetic_val_size
-        return SyntheticImages(size, cfg.synthetic_classes, cfg.img_size, seed, split)
+        size = cfg.synthetic_train_size if training else cfg.synthetic_val_size
+        return SyntheticImages(size, cfg.synthetic_classes, cfg.img_size, seed, training)
     if cfg.dataset in ('fashion_mnist', 'fmnist'):
         return FashionMNIST(cfg.data_dir, split)
-    return TimmImages(cfg.dataset, cfg.data_dir, split)
+    return TimmImages(cfg.dataset, cfg.data_dir, split, training)
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -337,6 +354,11 @@ def device_batches(loader, normalize: DeviceNormalize):
         yield ready
 
 
+def mixes_batches(aug: AugConfig) -> bool:
+    """Whether timm's Mixup runs on the batch; it needs an even batch, since it pairs each image with its mirror."""
+    return aug.mixup > 0 or aug.cutmix > 0 or aug.cutmix_minmax is not None
+
+
 class BatchAugment:
     """Random erasing and Mixup/CutMix on the device batch; call after seeding the step's RNGs."""
 
@@ -344,7 +366,7 @@ class BatchAugment:
         self.erase = (RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=str(device))
                       if aug.reprob > 0 else None)
         self.mixup = None
-        if aug.mixup > 0 or aug.cutmix > 0 or aug.cutmix_minmax is not None:
+        if mixes_batches(aug):
             self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, cutmix_minmax=aug.cutmix_minmax,
                                prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
                                label_smoothing=smoothing, num_classes=num_classes)

@@ -240,6 +240,9 @@ def ema_lines(run) -> list[str]:
     elif half > total:
         lines.append(f'  the half-life is longer than the whole run ({total} steps): the final EMA weights will '
                      f'still be mostly the ones it started from; set ema.warmup true or a lower ema.decay')
+    points = [(percent, max(1, round(total * percent / 100))) for percent in (1, 10, 100)]
+    lines.append('  effective decay: ' + ', '.join(f'{ema.get_decay(step):.6g} at {percent} % (step {step})'
+                                                   for percent, step in points))
     warm = ema_warm_step(ema)
     lines.append(f'  EMA numbers are marked "warming up" until step {warm} (epoch {warm / per_epoch:.2f})'
                  if warm <= total else '  EMA numbers are marked "warming up" for the whole run')

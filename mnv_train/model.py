@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 
 from .errors import UserError
@@ -32,6 +33,15 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> nn.Module:
         raise UserError(f'{source} does not fit {name} with {getattr(model, "num_classes", "?")} classes: '
                         f'{detail[0][:200]}') from None
     return model
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm layers synchronised across processes, activations kept.
+
+    torch's own conversion turns timm's BatchNormAct2d into a plain SyncBatchNorm: the activation stays as a
+    child module that is never called, and MobileNetV4 becomes nearly linear. timm's conversion keeps it.
+    """
+    return convert_sync_batchnorm(model)
 
 
 def set_batchnorm(model: nn.Module, momentum, eps):

@@ -64,7 +64,7 @@ def loader_batches(loader, sampler: data.EpochSampler, device_input, epoch: int)
 def recipe_batches(recipe, norm: data.Normalization, world, batch_size: int) -> Iterator[torch.Tensor]:
     """loader_batches for tools that have a recipe but no run (validate.py, average)."""
     from .build import train_pipeline
-    source = data.open_source(recipe.data, 'train', recipe.train.seed)
+    source = data.open_source(recipe.data, recipe.data.train_split, recipe.train.seed)
     sampler = data.EpochSampler(len(source), world.rank, world.size, recipe.train.seed)
     dataset, collate, device_input = train_pipeline(recipe, source, norm, world)
     loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,

@@ -117,6 +117,9 @@ class OptimConfig:
     eps: Optional[float] = _f(None, gt=0)
     momentum: float = _f(0.9, ge=0, lt=1)
     weight_decay: float = _f(0.05, ge=0)
+    # which tensors get no decay: '1d' every 1-D tensor (biases, norm weights, layer scales), as timm;
+    # 'bn' only BatchNorm weights and biases, as Google's TF configs
+    weight_decay_exclude: Literal['1d', 'bn'] = '1d'
     layer_decay: Optional[float] = _f(None, gt=0, le=1)
     clip_grad: Optional[float] = _f(None, gt=0)
     clip_mode: Literal['norm', 'value', 'agc'] = 'norm'
@@ -136,7 +139,7 @@ class ScheduleConfig:
 class EmaConfig:
     enabled: bool = False
     decay: float = _f(0.9998, gt=0, lt=1)  # per optimizer step at train.global_batch_size
-    warmup: bool = True  # timm ModelEmaV3 decay warmup
+    warmup: bool = False  # ModelEmaV3's decay warmup; off as in timm's train.py (0.9998 is reached only at ~354k steps)
     start_step: int = _f(0, ge=0)  # EMA starts after this many steps at the recipe's global batch
 
 

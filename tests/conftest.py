@@ -17,7 +17,7 @@ TINY = {
     'aug': {'scale': [0.5, 1.0]},
     'optim': {'name': 'adamw', 'lr': 0.002, 'weight_decay': 0.01},
     'schedule': {'epochs': 2, 'warmup_epochs': 0.5},
-    'ema': {'enabled': True, 'decay': 0.9},
+    'ema': {'enabled': True, 'decay': 0.9, 'warmup': True},
     'train': {'global_batch_size': 32, 'batch_size': 16, 'log_every': 2},
 }
 

@@ -73,7 +73,7 @@ def test_eval_shards_count_every_sample_once():
 def test_transform_depends_only_on_the_sample_seed():
     cfg = DataConfig(dataset='synthetic', img_size=32)
     aug = AugConfig(auto_augment='rand-m9-mstd0.5-inc1', hflip=0.5)
-    source = data.SyntheticImages(8, 4, 32, seed=0, split='train')
+    source = data.SyntheticImages(8, 4, 32, seed=0, training=True)
     dataset = data.TransformedDataset(source, data.train_transform(cfg, aug, data.Normalization((0.5,) * 3,
                                                                                                (0.5,) * 3)))
     first, label = dataset[(5, 1234)]
@@ -114,3 +114,36 @@ def test_batch_augment_turns_mixup_off_at_the_off_epoch():
     _, plain = aug(images, labels, epoch=3)
     assert mixed.shape == (4, 4) and torch.allclose(mixed.sum(1), torch.ones(4))
     assert torch.equal(plain, labels)
+
+
+def image_folder(root, splits, classes=3, per_class=8, size=32):
+    """root/<split>/<class>/<n>.png for each split, with one flat colour per class."""
+    for split in splits:
+        for c in range(classes):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True)
+            for n in range(per_class):
+                Image.new('RGB', (size, size), (80 * c, 40 + n, 200 - 60 * c)).save(folder / f'{n}.png')
+    return root
+
+
+def test_train_split_names_the_training_folder_everywhere(tmp_path, write_recipe):
+    from mnv_train.cli import train_main
+    from mnv_train import checkpoint
+    root = image_folder(tmp_path / 'data', ['trainset', 'holdout'])
+    recipe = write_recipe({'data': {'dataset': 'folder', 'data_dir': str(root), 'train_split': 'trainset',
+                                    'val_split': 'holdout'},
+                           'train': {'global_batch_size': 8, 'batch_size': 8, 'precise_bn_batches': 1},
+                           'schedule': {'epochs': 1, 'warmup_epochs': 0}})
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) == 0
+    payload = checkpoint.load(tmp_path / 'run' / 'checkpoints' / 'last.pt')
+    assert payload['model']['classifier.weight'].shape[0] == 3  # the classes, not the split folders
+    assert payload['state']['samples_seen'] == 24
+
+
+def test_a_missing_split_folder_is_named_instead_of_read_as_classes(tmp_path):
+    root = image_folder(tmp_path, ['trainset', 'holdout'], classes=1, per_class=1)
+    with pytest.raises(UserError, match=r"no 'train' folder under .* \(it holds holdout, trainset\)"):
+        data.open_source(DataConfig(dataset='folder', data_dir=str(root)), 'train', 0)
+    flat = data.open_source(DataConfig(dataset='folder', data_dir=str(root / 'holdout'), val_split=''), '', 0)
+    assert flat.num_classes == 1

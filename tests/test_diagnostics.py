@@ -48,6 +48,9 @@ def test_dry_run_reports_the_schedule_ema_and_speed_and_plots_the_lr(write_recip
     assert f'half-life {math.log(0.5) / math.log(0.9):.1f} steps' in text
     full_decay_step = math.ceil((1 - 0.9) ** -1.5 - 1) + 1  # ModelEmaV3 warmup: 1 - (1 + k)^-2/3 >= 0.9
     assert f'would reach 0.9 only at step {full_decay_step}' in text
+    decays = [1 - (1 + step - 1) ** (-2 / 3) for step in (1, 1, 8)]  # get_decay counts from update_after_step + 1
+    assert ('effective decay: ' + ', '.join(f'{max(d, 0):.6g} at {p} % (step {s})' for d, p, s in
+                                            zip(decays, (1, 10, 100), (1, 1, 8)))) in text
     assert 's per optimizer step' in text and 'estimated training time' in text
     assert 'name: tiny' in text and 'batch plan' in text
     assert f'LR schedule plot: {out / "lr_schedule.png"}' in text

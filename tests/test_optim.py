@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from mnv_train import model as models
 from mnv_train import recipe as recipes
 from mnv_train.optim import TrainLoss, create_optimizer, create_scheduler, plan_batch
 from mnv_train.recipe import LossConfig, ScheduleConfig
@@ -81,3 +82,23 @@ def test_loss_smooths_hard_labels_and_takes_mixed_targets_as_they_are():
     smoothed = torch.tensor([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]])
     assert hard == pytest.approx(loss(logits, smoothed).item())
     assert hard > torch.nn.functional.cross_entropy(logits, torch.tensor([0]))
+
+
+@pytest.mark.parametrize('rule', ['1d', 'bn'])
+def test_weight_decay_rule_decides_which_hybrid_large_tensors_decay(rule):
+    model = models.create(recipes.ModelConfig(name='mobilenetv4_hybrid_large'), 10)
+    cfg = recipes.OptimConfig(name='adamw', weight_decay=0.2, weight_decay_exclude=rule)
+    decayed = {id(p) for group in create_optimizer(model, cfg, lr=0.01).param_groups if group['weight_decay'] > 0
+               for p in group['params']}
+    names = {id(p): name for name, p in model.named_parameters()}
+    batchnorm = {id(p) for layer in model.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+                 for p in layer.parameters(recurse=False)}
+    gammas = {i for i, name in names.items() if name.endswith('layer_scale.gamma')}
+    assert len(gammas) == 35
+    if rule == '1d':  # timm: every 1-D tensor is spared
+        assert decayed == {id(p) for p in model.parameters() if p.ndim > 1}
+        assert not gammas & decayed
+    else:  # Google: only BatchNorm is spared; biases and layer scales decay
+        assert decayed == set(names) - batchnorm
+        assert gammas <= decayed
+    assert len(decayed) == {'1d': 146, 'bn': 182}[rule]  # Google decays 35 layer scales and 1 bias more

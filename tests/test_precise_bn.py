@@ -23,7 +23,7 @@ def bn_buffers(state_dict):
 
 
 def synthetic_batches(count, img_size, batch_size):
-    source = data.SyntheticImages(count, 4, img_size, seed=0, split='train')
+    source = data.SyntheticImages(count, 4, img_size, seed=0, training=True)
     samples = [source.load(i) for i in range(count)]
     images = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) for img, _ in samples])
     images = (images - images.mean()) / images.std()

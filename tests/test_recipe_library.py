@@ -90,6 +90,8 @@ def test_google_recipes_match_the_reference_table(column):
     assert [r.model.bn_momentum, r.model.bn_eps] == numbers(row['BN momentum(torch)/eps'])
     assert {'fp32': 'none', 'bf16': 'bf16'}[row['precision']] == r.train.amp
     assert r.provenance.expected_top1 == numbers(row['reported top-1 (yaml comment)'])[0]
+    assert r.optim.weight_decay_exclude == 'bn'  # "BN excluded": biases and layer scales decay
+    assert r.data.interpolation == r.aug.train_interpolation == 'bilinear'
 
 
 def timm_table() -> dict:
@@ -115,6 +117,13 @@ def test_timm_weight_recipes_match_the_published_eval_configs(name):
     else:
         assert r.data.mean is None  # the model's default, which is ImageNet's
     assert r.model.name == TIMM[name].split('.')[0]
+    assert r.data.interpolation == row['interpolation']
+    assert r.optim.weight_decay_exclude == '1d'  # timm's train.py
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_every_recipe_states_whether_the_ema_warms_up(name):
+    assert 'warmup' in recipes.load_raw(name).get('ema', {}), f'{name} leaves ema.warmup to the default'
 
 
 @pytest.mark.parametrize('name', ALL)
@@ -139,6 +148,21 @@ def test_print_recipe_shows_values_after_batch_scaling(capsys, monkeypatch):
     assert train_main(['--recipe', 'mnv4_hybrid_large', '--print-recipe']) == 0
     out = capsys.readouterr().out
     assert 'lr: 0.01' in out
-    assert '#   this run              3 process(es) x 127 per device x 43 accumulation = 16383' in out
-    assert '#   lr                    0.01 -> 0.00999969 (sqrt rule' in out
-    assert '16384 does not split over 3 process(es); using the nearest, 16383' in out
+    assert '#   this run              3 process(es) x 124 per device x 44 accumulation = 16368' in out
+    assert '#   lr                    0.01 -> 0.00999512 (sqrt rule' in out
+    assert 'Mixup/CutMix pair images within a device batch, so it must be even: 124 per device' in out
+    assert '16384 does not split over 3 process(es); using the nearest, 16368' in out
+
+
+MIXING = [name for name in ALL if recipes.load(name).aug.mixup or recipes.load(name).aug.cutmix]
+
+
+@pytest.mark.parametrize('name', MIXING)
+@pytest.mark.parametrize('world_size', [3, 5, 6, 7, 9, 12, 24])
+def test_mixup_recipes_get_an_even_per_device_batch_on_any_gpu_count(name, world_size):
+    from mnv_train.optim import plan_batch
+    recipe = recipes.load(name)
+    plan = plan_batch(recipe, world_size)
+    assert plan.per_device % 2 == 0 and plan.per_device <= recipe.train.batch_size
+    assert abs(plan.global_batch / recipe.train.global_batch_size - 1) < 0.005  # within half a percent
+    assert (plan.global_batch == recipe.train.global_batch_size) == (not any('nearest' in n for n in plan.notes))

@@ -127,3 +127,34 @@ def test_validate_reads_plain_state_dicts_with_a_recipe(write_recipe, tmp_path, 
     err = capsys.readouterr().err
     assert f'{plain} does not fit mobilenetv3_small_100 with 4 classes: Missing key(s) in state_dict' in err
     assert err.count('\n') == 1
+
+
+@pytest.fixture(scope='module')
+def hybrid_large_checkpoint(tmp_path_factory):
+    """An untrained mnv4_hybrid_large checkpoint whose recipe reads 2 synthetic validation images."""
+    from mnv_train import model as models
+    from mnv_train import recipe as recipes
+    recipe = recipes.load('mnv4_hybrid_large', ['data.dataset=synthetic', 'data.synthetic_val_size=2',
+                                                'data.synthetic_classes=3', 'data.num_workers=0', 'train.amp=none'])
+    path = tmp_path_factory.mktemp('hybrid') / 'step-00000001.pt'
+    checkpoint.write(path, {'model': models.create(recipe.model, 3).state_dict(), 'ema': None,
+                            'recipe': recipe.to_dict()}, {'step': 1})
+    return path
+
+
+def test_validate_at_the_published_eval_size_uses_the_published_crop(hybrid_large_checkpoint, capsys):
+    assert validate_main([str(hybrid_large_checkpoint), '--img-size', '448']) == 0
+    out = capsys.readouterr().out
+    assert 'evaluating at 448 px, crop 1 (provenance.eval_crop_pct, the published setting at 448 px)' in out
+    assert 'expected 84.264' in out
+    result = json.loads(hybrid_large_checkpoint.with_name('step-00000001.eval-raw-448-1.json').read_text())
+    assert (result['img_size'], result['crop_pct'], result['expected_top1']) == (448, 1.0, 84.264)
+
+
+def test_validate_compares_with_a_published_figure_only_at_its_size_and_crop(hybrid_large_checkpoint, capsys):
+    assert validate_main([str(hybrid_large_checkpoint), '--img-size', '448', '--crop-pct', '0.95']) == 0
+    out = capsys.readouterr().out
+    assert 'crop 0.95 (--crop-pct)' in out and 'expected' not in out
+    assert validate_main([str(hybrid_large_checkpoint), '--img-size', '384']) == 0
+    out = capsys.readouterr().out
+    assert 'crop 0.95 (the recipe\'s data.crop_pct)' in out and 'expected 83.826' in out
