@@ -15,35 +15,21 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
-from timm.data import auto_augment as timm_auto_augment
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import fast_collate
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torchvision import transforms
 
+from . import augment
 from .errors import UserError
 from .recipe import AugConfig, DataConfig
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-
-
-# ---------------------------------------------------------------------------------------------- pillow 13 guard
-
-def _posterize_zero_safe(img, bits_to_keep, **kwargs):
-    """Pillow >= 13 refuses bits=0, which timm's RandAugment asks for at full magnitude; older Pillow gave black."""
-    if bits_to_keep <= 0:
-        return img.point([0] * 256 * len(img.getbands()))
-    if bits_to_keep >= 8:
-        return img
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
-    timm_auto_augment.NAME_TO_OP[_name] = _posterize_zero_safe
 
 
 # ---------------------------------------------------------------------------------------------- seeds
@@ -233,11 +219,14 @@ def resolve_normalization(cfg: DataConfig, model) -> Normalization:
 
 
 def train_transform(cfg: DataConfig, aug: AugConfig, norm: Normalization):
-    """PIL -> uint8 CHW numpy; normalising and erasing happen on the device."""
-    return create_transform(cfg.img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
-                            hflip=aug.hflip, color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment,
-                            interpolation=aug.train_interpolation, mean=norm.mean, std=norm.std,
-                            use_prefetcher=True)
+    """PIL -> uint8 CHW tensor; normalising and erasing happen on the device. Google's RandAugment, where the
+    recipe asks for it, runs where timm's would: after the crop and flip."""
+    crop_flip, colour, to_tensor = create_transform(
+        cfg.img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment, interpolation=aug.train_interpolation,
+        mean=norm.mean, std=norm.std, use_prefetcher=True, separate=True)
+    google = [augment.tf_rand_augment(aug.tf_randaugment, cfg.img_size)] if aug.tf_randaugment is not None else []
+    return transforms.Compose([*crop_flip.transforms, *colour.transforms, *google, *to_tensor.transforms])
 
 
 def eval_transform(img_size: int, crop_pct: float, interpolation: str, norm: Normalization):

@@ -49,9 +49,9 @@ class CropPlanner:
     """Draws a RandomResizedCrop box, interpolation and flip for an image of a given size."""
 
     def __init__(self, aug: AugConfig):
-        if aug.auto_augment or aug.color_jitter:
-            raise UserError('data.decode device does RandomResizedCrop and flip only: set aug.auto_augment null and '
-                            'aug.color_jitter 0, or use data.decode host')
+        if aug.auto_augment or aug.tf_randaugment is not None or aug.color_jitter:
+            raise UserError('data.decode device does RandomResizedCrop and flip only: set aug.auto_augment and '
+                            'aug.tf_randaugment null and aug.color_jitter 0, or use data.decode host')
         self.scale, self.ratio, self.hflip = tuple(aug.scale), tuple(aug.ratio), aug.hflip
         if aug.train_interpolation not in INTERPOLATIONS + ('random',):
             raise UserError(f'aug.train_interpolation {aug.train_interpolation!r}: data.decode device supports '

@@ -82,12 +82,25 @@ class DataConfig:
 
 
 @dataclass
+class TFRandAugmentConfig:
+    """Google's RandAugment (mnv_train/augment.py); defaults are TF Model Garden's RandAugment config."""
+    num_layers: int = _f(2, ge=0)
+    magnitude: float = _f(10.0, ge=0)  # ops reach their full range at 10; not capped
+    magnitude_std: float = _f(0.0, ge=0)
+    prob_to_apply: Optional[float] = _f(None, ge=0, le=1)  # None: the chosen op always runs
+    translate_const: float = _f(10.0, gt=0)  # pixels at magnitude 10
+    cutout_const: float = _f(40.0, ge=0)  # half the cutout side, pixels at magnitude 10
+    exclude_ops: list = _f([])  # e.g. [Cutout]
+
+
+@dataclass
 class AugConfig:
     scale: list = _f([0.08, 1.0])  # RandomResizedCrop area range
     ratio: list = _f([0.75, 1.3333333])
     hflip: float = _f(0.5, ge=0, le=1)
     color_jitter: float = _f(0.0, ge=0)
     auto_augment: Optional[str] = None  # timm string, e.g. rand-m9-mstd0.5-inc1
+    tf_randaugment: Optional[TFRandAugmentConfig] = None  # Google's RandAugment instead of timm's (the *_tf recipes)
     train_interpolation: str = 'random'
     reprob: float = _f(0.0, ge=0, le=1)  # random erasing, applied on the device
     remode: Literal['const', 'rand', 'pixel'] = 'pixel'
@@ -292,6 +305,9 @@ def _check_consistency(recipe: Recipe):
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], int)
                 or not isinstance(pair[1], (int, float)) or not 0 < pair[1] <= 1 or pair[0] < 8):
             raise UserError(f'data.extra_evals: expected [img_size, crop_pct] pairs, got {pair!r}')
+    if recipe.aug.auto_augment and recipe.aug.tf_randaugment is not None:
+        raise UserError('aug.auto_augment and aug.tf_randaugment both set: choose timm\'s or Google\'s RandAugment '
+                        '(set the other to null)')
     if recipe.schedule.warmup_epochs >= recipe.schedule.epochs:
         raise UserError(f'schedule.warmup_epochs ({recipe.schedule.warmup_epochs}) must be below '
                         f'schedule.epochs ({recipe.schedule.epochs})')

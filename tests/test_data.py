@@ -5,7 +5,7 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
 
-from mnv_train import data
+from mnv_train import augment, data
 from mnv_train.errors import UserError
 from mnv_train.recipe import AugConfig, DataConfig
 
@@ -15,8 +15,8 @@ def test_posterize_to_zero_bits_gives_black_instead_of_raising():
     if int(PIL.__version__.split('.')[0]) >= 13:
         with pytest.raises(ValueError):  # what the guard protects against
             ImageOps.posterize(image, 0)
-    assert np.asarray(data._posterize_zero_safe(image, 0)).max() == 0
-    assert np.array_equal(np.asarray(data._posterize_zero_safe(image, 4)), np.asarray(ImageOps.posterize(image, 4)))
+    assert np.asarray(augment.posterize_zero_safe(image, 0)).max() == 0
+    assert np.array_equal(np.asarray(augment.posterize_zero_safe(image, 4)), np.asarray(ImageOps.posterize(image, 4)))
 
 
 def test_randaugment_inc1_survives_many_images():

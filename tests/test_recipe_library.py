@@ -91,6 +91,15 @@ def test_google_recipes_match_the_reference_table(column):
     assert {'fp32': 'none', 'bf16': 'bf16'}[row['precision']] == r.train.amp
     assert r.provenance.expected_top1 == numbers(row['reported top-1 (yaml comment)'])[0]
     assert r.optim.weight_decay_exclude == 'bn'  # "BN excluded": biases and layer scales decay
+    randaug = r.aug.tf_randaugment  # Google's own RandAugment, not a timm string
+    assert r.aug.auto_augment is None and randaug is not None
+    layers, magnitude, prob, mstd = row['RandAugment (TF: layers/mag/prob/mstd)'].split(',')[0].split('/')
+    assert (randaug.num_layers, randaug.magnitude, randaug.magnitude_std) == (int(layers), float(magnitude),
+                                                                              float(mstd))
+    assert randaug.prob_to_apply == (None if prob == 'None' else float(prob))
+    translate = re.search(r'translate (\d+)', row['RandAugment (TF: layers/mag/prob/mstd)'])
+    assert randaug.translate_const == (float(translate.group(1)) if translate else 10.0)
+    assert randaug.exclude_ops == ['Cutout']
     assert r.data.interpolation == r.aug.train_interpolation == 'bilinear'
 
 

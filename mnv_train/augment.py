@@ -1,4 +1,5 @@
-"""Google's RandAugment (TF Model Garden, official/vision/ops/augment.py) as a PIL transform for the `*_tf` recipes.
+"""PIL-level augmentation: a guard that keeps timm's RandAugment alive on Pillow 13, and Google's RandAugment
+(TF Model Garden, official/vision/ops/augment.py) as a PIL transform for the `*_tf` recipes.
 
 The `*_tf` recipes reproduce Google's MobileNetV4 configs, and Google's RandAugment is not timm's `rand-mX`, so no
 timm string reproduces it. Google translates by `magnitude / 10 * translate_const` pixels, not by a fraction of
@@ -19,7 +20,7 @@ sampling and fill with 128, as Google does):
   TranslateX/Y  +-translate_const * L/10 px, timm's absolute-pixel op. Whole-pixel shifts match exactly.
                 PIL rounds fractional shifts in its own way.
   Posterize     keeps int(4 * L/10) bits, timm's 'Posterize' level (not 'PosterizeIncreasing'). Uses
-                data._posterize_zero_safe, because Pillow 13 refuses 0 bits. 0 bits (L < 2.5) gives black, a
+                posterize_zero_safe, because Pillow 13 refuses 0 bits. 0 bits (L < 2.5) gives black, a
                 full 8-bit shift; TF calls a shift by the bit width implementation-defined, so Google's own
                 output there is uncertain.
   Solarize      inverts pixels >= int(256 * L/10), timm's op (its cap at 256 inverts nothing either). Does
@@ -51,11 +52,24 @@ import difflib
 import random
 from typing import Callable
 
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_auto_augment
 from timm.data.auto_augment import AugmentOp, RandAugment
 
-from .data import _posterize_zero_safe
 from .errors import UserError
+
+
+def posterize_zero_safe(img, bits_to_keep, **kwargs):
+    """Pillow >= 13 refuses bits=0, which timm's RandAugment asks for at full magnitude; older Pillow gave black."""
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    timm_auto_augment.NAME_TO_OP[_name] = posterize_zero_safe
 
 _KEY = 'aug.tf_randaugment'
 _FILL = (128, 128, 128)  # Google's `replace` for every pixel an op uncovers
@@ -95,7 +109,7 @@ _OPS = {
     'Equalize': ('Equalize', None, None),
     'Invert': ('Invert', None, None),
     'Rotate': ('Rotate', None, None),
-    'Posterize': ('Posterize', _posterize_zero_safe, None),
+    'Posterize': ('Posterize', posterize_zero_safe, None),
     'Solarize': ('Solarize', None, None),
     'Color': ('Color', None, None),
     'Contrast': ('Contrast', _contrast, None),

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mnv_train.errors import UserError
-from mnv_train.tf_randaugment import tf_rand_augment
+from mnv_train.augment import tf_rand_augment
 
 GOOGLE_OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
               'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd']
@@ -147,3 +147,24 @@ def test_a_translate_that_covers_the_whole_image_is_a_user_error_unless_translat
     with pytest.raises(UserError, match=r'aug\.tf_randaugment\.translate_const: 300 at magnitude 15 reaches 450 px'):
         tf_rand_augment(config(magnitude=15, translate_const=300), 384)
     tf_rand_augment(config(magnitude=15, translate_const=300, exclude_ops=['TranslateX', 'TranslateY']), 384)
+
+
+def _rand_augment(recipe_name):
+    from timm.data.auto_augment import RandAugment
+
+    from mnv_train import data
+    from mnv_train import recipe as recipes
+    recipe = recipes.load(recipe_name)
+    transform = data.train_transform(recipe.data, recipe.aug, data.Normalization((0.5,) * 3, (0.5,) * 3))
+    return next(t for t in transform.transforms if isinstance(t, RandAugment))
+
+
+def test_google_recipes_translate_in_pixels_and_timm_recipes_by_image_fraction():
+    google = _rand_augment('mnv4_hybrid_large_tf')
+    names = [op.name for op in google.ops]
+    assert 'Identity' in names and 'Cutout' not in names and 'TranslateX' in names
+    translate = next(op for op in google.ops if op.name == 'TranslateX')
+    assert abs(translate.level_fn(translate.magnitude, translate.hparams)[0]) == 15.0  # pixels at M15, random sign
+    assert translate.hparams['img_mean'] == (128, 128, 128)
+    timm_variant = _rand_augment('mnv4_hybrid_large')
+    assert 'TranslateXRel' in [op.name for op in timm_variant.ops]  # timm's RandAugment, stated as such
