@@ -198,3 +198,15 @@ def test_resume_with_a_truncated_explicit_checkpoint_is_one_line(tmp_path, write
     assert result.returncode == 2
     assert result.stderr.strip() == f'error: checkpoint {path} is truncated or corrupt (checksum does not match its manifest)'
     assert validate_main([str(path)]) == 2
+
+
+def test_a_lamb_run_resumes_bit_exactly(write_recipe, tmp_path):
+    recipe = write_recipe({'optim': {'name': 'lamb', 'lr': 0.004, 'weight_decay': 0.03}}, name='lamb')
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'whole'), '--quiet']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'sliced'), '--quiet',
+                       '--max-steps', '3']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'sliced'), '--quiet',
+                       '--resume', 'auto']) == 0
+    whole, sliced = weights(tmp_path / 'whole'), weights(tmp_path / 'sliced')
+    assert 'exp_avg' in str(whole['optimizer']['state'][0].keys()) and whole['state']['step'] == 8
+    assert_same_weights(sliced, whole)
