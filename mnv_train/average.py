@@ -75,7 +75,7 @@ def evaluate_weights(recipe: recipes.Recipe, state_dict: dict, world, batch_size
         with autocast(recipe.train.amp, world.device):
             used = precise_bn.recalibrate(module, precise_bn.recipe_batches(recipe, norm, world, batch_size),
                                           precise_bn_batches)
-        precise_bn.average_over_ranks(module, world)
+        world.average_batchnorm(module)
         logs.info(f'BatchNorm statistics recomputed over {used} training batches')
     normalize = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
     metrics = {}

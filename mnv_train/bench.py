@@ -52,7 +52,7 @@ def model_rate(run: Run, steps: int, warmup: int) -> float:
 def input_rate(run: Run, steps: int, warmup: int) -> float:
     """img/s of the training input pipeline alone, delivered normalised on the device."""
     count, start = 0, None
-    for i, (_, (images, _targets)) in enumerate(epoch_batches(run, epoch=0)):
+    for i, (_, (images, *_)) in enumerate(epoch_batches(run, epoch=0)):
         if i == warmup:
             _sync(run.world.device)
             start = time.perf_counter()

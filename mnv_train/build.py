@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,6 +30,8 @@ class TrainState:
     samples_in_epoch: int = 0  # over all ranks, this epoch
     loss_sum: float = 0.0  # finite train losses of this epoch, summed, and how many
     loss_count: int = 0
+    skipped_in_epoch: int = 0  # unreadable training images replaced this epoch, over all ranks
+    skipped_steps_in_epoch: int = 0  # fp16: optimizer steps the loss scaler skipped (inf/NaN gradients)
     best_top1: Optional[float] = None
     best_epoch: Optional[int] = None
     history: list = field(default_factory=list)  # one dict of metrics per finished epoch
@@ -90,6 +94,13 @@ class Run:
         return self.optimizer.param_groups[0]['lr']
 
 
+# DDP keyword that stops it from copying rank 0's buffers (BatchNorm statistics) to every rank at each forward:
+# torch 2.14 renamed it and deprecates the old name, which older torch still needs
+BUFFERS_PER_RANK = ({'forward_sync_buffers': False}
+                    if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
+                    else {'broadcast_buffers': False})
+
+
 def autocast(amp: str, device: torch.device):
     if amp == 'none':
         return contextlib.nullcontext()
@@ -102,6 +113,14 @@ def check_amp(amp: str, device: torch.device):
 
 
 def set_determinism(deterministic: bool):
+    """Deterministic kernels on every device, or cuDNN's autotuned (fastest, not reproducible) ones.
+
+    cuBLAS needs its workspace configured before its first use for deterministic matmuls. An op with no
+    deterministic kernel warns (warn_only) rather than stopping a run.
+    """
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
 
@@ -135,7 +154,7 @@ def train_pipeline(recipe: Recipe, source, norm: data.Normalization, world: Worl
         return dataset, device_decode.collate, device_decode.DeviceDecode(norm, world.device, channels_last,
                                                                           recipe.data.img_size)
     dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm))
-    return dataset, data.fast_collate, data.DeviceNormalize(norm, world.device, channels_last)
+    return dataset, data.collate, data.DeviceNormalize(norm, world.device, channels_last)
 
 
 def use_sync_bn(wanted: bool, world: World) -> bool:
@@ -194,7 +213,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     if train_cfg.compile:
         model = torch.compile(model)
     if world.distributed:
-        model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None)
+        model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None,
+                                        **({} if train_cfg.dist_bn == 'broadcast' else BUFFERS_PER_RANK))
 
     return Run(
         recipe=recipe, world=world, plan=plan, run_dir=Path(run_dir), module=module, model=model, ema=ema,

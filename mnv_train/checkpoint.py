@@ -177,9 +177,9 @@ def rng_state() -> dict:
 
     import numpy as np
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # no CUDA generators: the loop reseeds them at every micro-step, and a checkpoint from 8 GPUs must load on 1
     return {'python': random.getstate(), 'numpy': [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
-            'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            'torch': torch.get_rng_state()}
 
 
 def set_rng_state(state: dict):
@@ -190,9 +190,7 @@ def set_rng_state(state: dict):
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    torch.set_rng_state(state['torch'])  # older checkpoints' per-GPU 'cuda' states are ignored on purpose
 
 
 def capture(run) -> tuple[dict, dict]:
@@ -216,6 +214,18 @@ def capture(run) -> tuple[dict, dict]:
     return payload, manifest
 
 
+def match_parameter_layout(optimizer: torch.optim.Optimizer):
+    """Optimizer moments in the memory layout of their parameters, which may differ from the saved run's
+    (train.channels_last toggled): fused and foreach kernels expect the two to match."""
+    for group in optimizer.param_groups:
+        for parameter in group['params']:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == parameter.shape \
+                        and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def restore(run, payload: dict) -> list[str]:
     """Put a checkpoint back into a freshly built run; returns notes on what had to be adapted."""
     from .build import TrainState
@@ -231,7 +241,11 @@ def restore(run, payload: dict) -> list[str]:
         run.optimizer.load_state_dict(payload['optimizer'])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f'checkpoint does not fit this recipe\'s model/optimizer: {str(e).splitlines()[0]}') from None
-    run.scaler.load_state_dict(payload['scaler'])
+    match_parameter_layout(run.optimizer)
+    if payload['scaler'] or not run.scaler.is_enabled():
+        run.scaler.load_state_dict(payload['scaler'])
+    else:
+        notes.append('the checkpoint was trained without fp16 loss scaling: the loss scale starts fresh')
     run.state = TrainState(**payload['state'])
     old_batch = payload['plan']['global_batch']
     if old_batch != run.plan.global_batch:

@@ -225,7 +225,7 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
         with autocast(recipe.train.amp, world.device):
             recalibrated = precise_bn.recalibrate(
                 module, precise_bn.recipe_batches(recipe, norm, world, args.batch_size), args.precise_bn)
-        precise_bn.average_over_ranks(module, world)
+        world.average_batchnorm(module)
         if recalibrated < args.precise_bn:
             logs.warn(f'--precise-bn {args.precise_bn}: the training split has only {recalibrated} batches of '
                       f'{args.batch_size} for this process')

@@ -23,7 +23,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision import transforms
 
-from . import augment
+from . import augment, logs
 from .errors import UserError
 from .recipe import AugConfig, DataConfig
 
@@ -234,8 +234,31 @@ def eval_transform(img_size: int, crop_pct: float, interpolation: str, norm: Nor
                             mean=norm.mean, std=norm.std, use_prefetcher=True)
 
 
+MAX_CONSECUTIVE_BAD = 10  # unreadable samples in a row before a run gives up on its data
+
+
+def replacing_unreadable(source, index: int, make):
+    """make(sample index) for `index`, or for the next readable index after it, and how many were skipped.
+
+    A long run should not die on one corrupt file, and exact resume needs the replacement to be the same every
+    time: it is the next index of the dataset, whatever the rank, worker or epoch. Each skip is warned about,
+    naming the file; MAX_CONSECUTIVE_BAD in a row means the data itself is broken.
+    """
+    for skipped in range(MAX_CONSECUTIVE_BAD):
+        candidate = (index + skipped) % len(source)
+        try:
+            return make(candidate), skipped
+        except UserError as e:
+            logs.warn_every_rank(f'{e}; skipped it, sample {(candidate + 1) % len(source)} takes its place')
+    raise UserError(f'{MAX_CONSECUTIVE_BAD} unreadable images in a row from {source.describe(index)}: check the '
+                    f'data with python -m mnv_train.check_data DATA_DIR')
+
+
 class TransformedDataset(torch.utils.data.Dataset):
-    """Takes (index, seed) items from the sampler; seeds every RNG a transform may touch, then transforms."""
+    """(index, seed) items from the sampler -> (uint8 image, label, unreadable samples skipped for it).
+
+    Every RNG a transform may touch is seeded from the item's seed first, so the result depends on nothing else.
+    """
 
     def __init__(self, source, transform):
         self.source, self.transform = source, transform
@@ -245,6 +268,10 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
+        (image, label), skipped = replacing_unreadable(self.source, index, lambda i: self.transformed(i, seed))
+        return image, label, skipped
+
+    def transformed(self, index: int, seed):
         image, label = self.source.load(index)
         if seed is not None:
             seed_everything(seed)
@@ -252,6 +279,12 @@ class TransformedDataset(torch.utils.data.Dataset):
             return self.transform(image), label
         except (OSError, ValueError) as e:
             raise UserError(f'cannot transform image {self.source.describe(index)}: {e}') from None
+
+
+def collate(samples) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """timm's fast_collate (uint8 images, labels) plus the number of unreadable samples the batch skipped."""
+    images, labels = fast_collate([(image, label) for image, label, _ in samples])
+    return images, labels, sum(skipped for _, _, skipped in samples)
 
 
 # ---------------------------------------------------------------------------------------------- samplers
@@ -300,7 +333,7 @@ class ShardSampler(Sampler):
 
 
 def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool, pin_memory: bool,
-                collate_fn=fast_collate):
+                collate_fn=collate):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
@@ -318,14 +351,16 @@ class DeviceNormalize:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, batch):
-        images, targets = batch
+        """(uint8 images, labels, skipped) on the host -> (normalised images, labels) on the device, skipped."""
+        images, targets, skipped = batch
         images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        return images.contiguous(memory_format=self.memory_format), targets.to(self.device, non_blocking=True)
+        return (images.contiguous(memory_format=self.memory_format), targets.to(self.device, non_blocking=True),
+                skipped)
 
 
 def device_batches(loader, normalize: DeviceNormalize):
-    """Normalised batches on the device. On CUDA the next batch is copied and normalised on a side stream
-    while the current one computes, so the host never waits for a copy."""
+    """(images, labels, skipped) batches, normalised on the device. On CUDA the next batch is copied and
+    normalised on a side stream while the current one computes."""
     if normalize.device.type != 'cuda':
         yield from map(normalize, loader)
         return
@@ -336,7 +371,7 @@ def device_batches(loader, normalize: DeviceNormalize):
         if ready is not None:
             yield ready
         torch.cuda.current_stream().wait_stream(stream)
-        for tensor in upcoming:
+        for tensor in upcoming[:2]:
             tensor.record_stream(torch.cuda.current_stream())
         ready = upcoming
     if ready is not None:

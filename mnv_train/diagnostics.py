@@ -7,10 +7,13 @@ pixels wide, heavy dropout. The messages here name them with the run's own numbe
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import data
 
 STALL_EVALS = 3  # evaluations in a row without progress before warning
 STALL_SPREAD = 0.05  # top-1 points: values this close count as unchanged
@@ -19,7 +22,8 @@ FLAT_LOSS = 0.02  # a train loss that fell by less than this fraction counts as 
 SMALL_FEATURE_MAP = 4  # a final feature map narrower than this keeps little spatial detail
 HEAVY_DROP_RATE, HEAVY_DROP_PATH = 0.3, 0.2
 DEFAULT_STRIDE = 32  # output stride of MNV4 and most ImageNet backbones
-BENCHMARK_WARMUP, BENCHMARK_TIMED = 2, 3  # optimizer steps: the first ones pay for allocation and compilation
+BENCHMARK_TIMED = 3  # micro-batches and optimizer updates timed by --dry-run
+PROBE_SECONDS = 4.0  # longest micro-batch --dry-run times before it scales a smaller probe batch up instead
 LR_PLOT_POINTS = 2000
 
 
@@ -254,16 +258,68 @@ def steps_text(steps: float) -> str:
 
 
 def benchmark_lines(run) -> list[str]:
-    """Times a few real optimizer steps (engine.train_one_epoch under a step budget)."""
-    from .engine import StepBudget, train_steps
-    budget = StepBudget(run, BENCHMARK_WARMUP + BENCHMARK_TIMED)
-    train_steps(run, budget)
-    seconds = (budget.step_ends[-1] - budget.step_ends[BENCHMARK_WARMUP - 1]) / BENCHMARK_TIMED
+    """The time of one optimizer step, from a few timed micro-batches and optimizer updates.
+
+    The micro-batches run at the per-device batch when one takes under PROBE_SECONDS, and otherwise at a smaller
+    probe batch whose time is scaled up linearly: on a login node's CPU one per-device batch of a large model can
+    take minutes. Samples are prepared in this process, so no loader workers start; the input pipeline is
+    measured by python -m mnv_train.bench.
+    """
+    plan = run.plan
+    probe = min(2, plan.per_device)  # BatchNorm needs two samples in training mode, and Mixup pairs
+    seconds = time_micro_batches(run, probe, repeats=1)  # also pays for first-call set-up
+    while probe * 2 <= plan.per_device and seconds * 2 <= PROBE_SECONDS:
+        probe *= 2
+        seconds = time_micro_batches(run, probe, repeats=1)
+    micro = time_micro_batches(run, probe, repeats=BENCHMARK_TIMED) * plan.per_device / probe
+    update = time_optimizer_updates(run, repeats=BENCHMARK_TIMED)
+    step = plan.accum_steps * micro + update
+    how = (f'{BENCHMARK_TIMED} micro-batches of {probe} timed and scaled to the per-device {plan.per_device}'
+           if probe < plan.per_device else f'mean of {BENCHMARK_TIMED} micro-batches of {plan.per_device}')
     return ['speed',
-            f'  {seconds:.3g} s per optimizer step, {run.plan.global_batch / seconds:.0f} img/s '
-            f'(mean of {BENCHMARK_TIMED} steps after {BENCHMARK_WARMUP} warm-up steps)',
-            f'  estimated training time {duration(seconds * run.total_steps)} for {run.total_steps} steps '
-            f'(evaluation not included)']
+            f'  forward + backward {micro:.3g} s per micro-batch ({how}); optimizer update {update:.3g} s',
+            f'  {step:.3g} s per optimizer step ({plan.accum_steps} micro-batches + update), '
+            f'{plan.global_batch / step:.0f} img/s over {plan.world_size} process(es), model compute only',
+            f'  estimated training time {duration(step * run.total_steps)} for {run.total_steps} steps '
+            f'(evaluation and input waits not included)']
+
+
+def probe_batch(run, size: int):
+    """`size` training samples prepared as the loader would, in this process, on the device."""
+    dataset, seed = run.train_loader.dataset, run.recipe.train.seed
+    samples = [dataset[(index % len(dataset), data.derive_seed(seed, index))] for index in range(size)]
+    return run.train_input(run.train_loader.collate_fn(samples))
+
+
+def time_micro_batches(run, size: int, repeats: int) -> float:
+    """Mean seconds of forward + backward (with the recipe's batch augmentation) on `size` samples."""
+    from .engine import forward_backward
+    images, targets, _ = probe_batch(run, size)
+    run.model.train()
+    start = synchronized_time(run.world.device)
+    for _ in range(repeats):
+        mixed, mixed_targets = run.augment(images, targets, epoch=0)
+        forward_backward(run, mixed, mixed_targets, finishing=True)
+    return (synchronized_time(run.world.device) - start) / repeats
+
+
+def time_optimizer_updates(run, repeats: int) -> float:
+    """Mean seconds of an optimizer update (clip, step, schedule, EMA), after one untimed first update."""
+    from .engine import optimizer_step
+    optimizer_step(run)  # allocates the optimizer state
+    start = synchronized_time(run.world.device)
+    for _ in range(repeats):
+        for p in run.module.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        optimizer_step(run)
+    return (synchronized_time(run.world.device) - start) / repeats
+
+
+def synchronized_time(device: torch.device) -> float:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def duration(seconds: float) -> str:

@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device('cpu')
+    control: object = None  # a gloo group for host-side votes, which must not wait for the GPU
 
     @property
     def is_main(self) -> bool:
@@ -37,12 +39,27 @@ class World:
             dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def any(self, flag: bool) -> bool:
-        return self.sum([float(flag)])[0] > 0
+    def first_rank_with(self, flag: bool) -> Optional[int]:
+        """The lowest rank whose flag is set, or None; one small all-reduce on the host, every rank must call."""
+        if not self.distributed:
+            return self.rank if flag else None
+        vote = torch.tensor([self.size - self.rank if flag else 0], dtype=torch.int64)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.control)
+        return self.size - int(vote) if int(vote) else None
 
-    def barrier(self):
-        if self.distributed:
-            dist.barrier()
+    def average_batchnorm(self, model: torch.nn.Module):
+        """Every rank's BatchNorm running statistics replaced by their mean over ranks (one flat all-reduce)."""
+        if not self.distributed:
+            return
+        buffers = [b for layer in model.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+                   and layer.track_running_stats for b in (layer.running_mean, layer.running_var)]
+        if not buffers:
+            return
+        flat = torch.cat([b.flatten() for b in buffers])
+        dist.all_reduce(flat)
+        flat /= self.size
+        for b, values in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(values.view_as(b))
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
@@ -79,19 +96,43 @@ def init(device: str = 'auto') -> World:
     size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
+        raise UserError(f'--device {device!r}: expected auto, cpu, cuda or cuda:N')
     use_cuda = torch.cuda.is_available() if device == 'auto' else device.startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
         raise UserError(f'--device {device}: no CUDA device is available here')
+    dev = torch.device('cuda', cuda_index(device, local_rank)) if use_cuda else torch.device('cpu')
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dev = torch.device('cuda', torch.cuda.current_device())
-    else:
-        dev = torch.device('cpu')
-    if size > 1 and not dist.is_initialized():
-        backend = 'nccl' if use_cuda else 'gloo'
-        dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                **({'device_id': dev} if use_cuda else {}))
-    return World(rank=rank, size=size, local_rank=local_rank, device=dev)
+        torch.cuda.set_device(dev)
+    control = None
+    if size > 1:
+        if not dist.is_initialized():
+            backend = 'nccl' if use_cuda else 'gloo'
+            dist.init_process_group(backend, timeout=timedelta(minutes=30),
+                                    **({'device_id': dev} if use_cuda else {}))
+        control = dist.new_group(backend='gloo') if use_cuda else dist.group.WORLD
+    return World(rank=rank, size=size, local_rank=local_rank, device=dev, control=control)
+
+
+def cuda_index(device: str, local_rank: int) -> int:
+    """This process's GPU: N for --device cuda:N (one process per node), else the local rank's own GPU.
+
+    Two processes on one GPU would make NCCL fail later with "Duplicate GPU detected"; say so now, with counts.
+    """
+    count = torch.cuda.device_count()
+    per_node = int(os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1))
+    if ':' in device:
+        index = int(device.split(':')[1])
+        if per_node > 1:
+            raise UserError(f'--device {device} names one GPU, but this node runs {per_node} processes: pass '
+                            f'--device cuda and each takes the GPU of its local rank')
+        if index >= count:
+            raise UserError(f'--device {device}: this node has {count} visible GPU(s) (cuda:0 to cuda:{count - 1})')
+        return index
+    if local_rank >= count or per_node > count:
+        raise UserError(f'{per_node} processes on this node but {count} visible GPU(s): start at most {count} '
+                        f'(torchrun --nproc_per_node={count}), or check CUDA_VISIBLE_DEVICES')
+    return local_rank
 
 
 def shutdown():

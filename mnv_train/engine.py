@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from typing import Optional
 
 import torch
 from timm.utils import dispatch_clip_grad
@@ -52,14 +53,15 @@ def fit(run: Run, stop: StopFlag, max_steps: int = 0):
 def train_one_epoch(run: Run, epoch: int, monitor: StepMonitor):
     state, accum = run.state, run.plan.accum_steps
     run.model.train()
-    for batch_index, (images, targets) in epoch_batches(run, epoch):
+    for batch_index, (images, targets, skipped) in epoch_batches(run, epoch):
+        monitor.skipped += skipped
         seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, state.step, batch_index % accum,
                                     run.world.rank))
         images, targets = run.augment(images, targets, epoch)
         finishing = (batch_index + 1) % accum == 0
         monitor.record(forward_backward(run, images, targets, finishing))
         if finishing:
-            optimizer_step(run)
+            monitor.record_update(optimizer_step(run))
             state.samples_in_epoch += run.plan.global_batch
             state.samples_seen += run.plan.global_batch
             monitor.after_step()
@@ -83,19 +85,29 @@ def epoch_batches(run: Run, epoch: int):
     return zip(itertools.count(done), batches)
 
 
-def optimizer_step(run: Run):
+def optimizer_step(run: Run) -> Optional[torch.Tensor]:
+    """Clip, step, schedule, average BatchNorm over ranks, EMA. With fp16, returns a device flag for whether the
+    loss scaler skipped the update (inf/NaN gradients). Even then the step counter, the LR schedule and the EMA
+    advance, as in timm: the schedule stays a function of samples seen, and the EMA decays towards weights
+    that did not change."""
     clip = run.recipe.optim
     if clip.clip_grad is not None:
         run.scaler.unscale_(run.optimizer)
         dispatch_clip_grad(run.module.parameters(), clip.clip_grad, mode=clip.clip_mode)
+    # GradScaler keeps its scale on the device and lowers it exactly when it skips a step; comparing there
+    # avoids reading it back (a sync) every step
+    scale_before = run.scaler._scale.clone() if run.scaler.is_enabled() else None
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     if run.scheduler is not None:
         run.scheduler.step_update(run.state.step)
+    if run.recipe.train.dist_bn == 'reduce':
+        run.world.average_batchnorm(run.module)  # before the EMA reads them: every replica holds the same statistics
     if run.ema is not None:
         run.ema.update(run.module, step=run.state.step)
+    return run.scaler._scale < scale_before if scale_before is not None else None
 
 
 @torch.no_grad()
@@ -104,7 +116,7 @@ def evaluate(model: torch.nn.Module, loader, normalize, world, amp: str) -> dict
     from .build import autocast
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
-    for images, targets in device_batches(loader, normalize):
+    for images, targets, _ in device_batches(loader, normalize):
         with autocast(amp, world.device):
             logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
@@ -135,10 +147,13 @@ def evaluate_all(run: Run) -> dict:
 
 def end_epoch(run: Run, epoch: int, monitor: StepMonitor):
     state = run.state
-    row = {'epoch': epoch, 'step': state.step, 'lr': run.lr(), 'train_loss': monitor.epoch_loss()}
+    row = {'epoch': epoch, 'step': state.step, 'lr': run.lr(), 'train_loss': monitor.epoch_loss(),
+           'skipped_images': state.skipped_in_epoch}
+    if run.scaler.is_enabled():
+        row['fp16_skipped_steps'] = state.skipped_steps_in_epoch
     if (epoch + 1) % run.recipe.train.eval_every == 0 or epoch + 1 == run.epochs:
         row.update(evaluate_all(run))
-    state.epoch, state.samples_in_epoch = epoch + 1, 0
+    state.epoch, state.samples_in_epoch, state.skipped_in_epoch, state.skipped_steps_in_epoch = epoch + 1, 0, 0, 0
     score = max(row.get('top1', -1), row.get('ema_top1', -1))
     improved = 'top1' in row and (state.best_top1 is None or score > state.best_top1)
     if improved:
@@ -161,6 +176,8 @@ class StepMonitor:
         self.window_losses: list[float] = []  # flushed, not yet logged
         self.bad_steps = 0
         self.rollbacks = 0
+        self.skipped = 0  # unreadable images this rank replaced since the last sync point
+        self.skip_flags: list[torch.Tensor] = []  # fp16 steps the loss scaler skipped, on the device until a flush
         self.window_start = time.perf_counter()
         self.window_samples = 0
         self.last_save = time.monotonic()
@@ -179,6 +196,11 @@ class StepMonitor:
     def record(self, loss: torch.Tensor):
         self.losses.append(loss)
 
+    def record_update(self, skipped: Optional[torch.Tensor]):
+        """fp16: whether the loss scaler skipped this optimizer step, read back at the next flush."""
+        if skipped is not None:
+            self.skip_flags.append(skipped)
+
     def after_step(self):
         run, state = self.run, self.run.state
         self.window_samples += run.plan.global_batch
@@ -190,16 +212,27 @@ class StepMonitor:
         if self.max_steps and state.step >= self.max_steps:  # the same step on every rank: no vote needed
             self.stop.request(f'reached --max-steps {self.max_steps}')
             self.sync_point(at_log, at_epoch_end)
-        elif at_log or at_epoch_end or (self.stop.requested and not run.world.distributed):
+        elif at_log or at_epoch_end or self.stop_agreed():
             self.sync_point(at_log, at_epoch_end)
         elif every and state.step % every == 0:
             self.save(is_best=False)
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (SIGTERM, SIGUSR1): a host-side vote after every optimizer step, so
+        a preemption signal to one rank stops them all within a step, inside a scheduler's grace period."""
+        requester = self.run.world.first_rank_with(self.stop.requested)
+        if requester is not None and not self.stop.requested:
+            self.stop.request(f'stop requested on rank {requester}')
+        return requester is not None
 
     def flush(self):
         """Read the pending losses back (one device sync) into the epoch sums and the bad-step count."""
         state = self.run.state
         values = torch.stack(self.losses).float().tolist() if self.losses else []
         self.losses = []
+        if self.skip_flags:  # the same on every rank: DDP all-reduces the gradients the scaler checks
+            state.skipped_steps_in_epoch += int(torch.stack(self.skip_flags).sum())
+            self.skip_flags = []
         finite = [v for v in values if math.isfinite(v)]
         trailing_bad = next((i for i, v in enumerate(reversed(values)) if math.isfinite(v)), len(values))
         self.bad_steps = self.bad_steps + trailing_bad if not finite else trailing_bad
@@ -213,7 +246,9 @@ class StepMonitor:
         self.flush()
         minutes = train_cfg.checkpoint_every_minutes
         due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes and run.world.is_main
-        bad, stop, due = run.world.sum([float(self.bad_steps), float(self.stop.requested), float(due)])
+        bad, stop, due, skipped = run.world.sum([float(self.bad_steps), float(self.stop.requested), float(due),
+                                                 float(self.skipped)])
+        self.count_skipped(int(skipped))
         if log and self.window_losses:
             self.log(sum(self.window_losses) / len(self.window_losses))
         if bad:
@@ -225,6 +260,17 @@ class StepMonitor:
         if (due or (every and state.step % every == 0)) and not epoch_end:  # end_epoch saves anyway
             self.save(is_best=False)
 
+    def count_skipped(self, skipped_on_all_ranks: int):
+        """Adds the ranks' replaced images to the epoch's count; too many stop the run (the data is broken)."""
+        state, cfg = self.run.state, self.run.recipe.data
+        state.skipped_in_epoch += skipped_on_all_ranks
+        self.skipped = 0
+        allowed = cfg.max_bad_fraction * len(self.run.train_loader.dataset)
+        if state.skipped_in_epoch > allowed:
+            raise UserError(f'{state.skipped_in_epoch} unreadable training images in epoch {state.epoch + 1}, more '
+                            f'than data.max_bad_fraction {cfg.max_bad_fraction:g} of the split allows '
+                            f'({allowed:.0f}): check them with python -m mnv_train.check_data DATA_DIR')
+
     def log(self, loss: float):
         run = self.run
         self.window_losses = []
@@ -233,9 +279,13 @@ class StepMonitor:
         elapsed = time.perf_counter() - self.window_start
         rate = self.window_samples / elapsed if elapsed > 0 else 0.0
         self.window_start, self.window_samples = time.perf_counter(), 0
+        fp16 = ''
+        if run.scaler.is_enabled():
+            fp16 = (f'  loss scale {run.scaler.get_scale():.0f}, {run.state.skipped_steps_in_epoch} step(s) skipped '
+                    f'this epoch')
         if self.bar is None:
             logs.info(f'step {run.state.step}/{run.total_steps}  loss {loss:.4f}  lr {run.lr():.3g}  '
-                      f'{rate:.0f} img/s')
+                      f'{rate:.0f} img/s{fp16}')
         run.metrics.scalars(run.state.step, {'train/loss': loss, 'train/lr': run.lr(), 'train/img_per_s': rate})
 
     def epoch_loss(self) -> float:
@@ -277,6 +327,7 @@ class StepMonitor:
     def save(self, is_best: bool):
         """Checkpoint the run; weights that are not finite are never written over good ones."""
         self.flush()
+        self.count_skipped(int(self.run.world.sum([float(self.skipped)])[0]))
         if not self.weights_finite():
             self.roll_back(f'weights became non-finite by step {self.run.state.step}')
         if self.run.world.is_main:

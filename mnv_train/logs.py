@@ -31,6 +31,11 @@ def warn(message: str):
         print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
+def warn_every_rank(message: str):
+    """For what only one rank sees (an unreadable image in its shard), from any rank or loader worker."""
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
 def progress(total: int, initial: int, description: str):
     """A tqdm bar on rank 0 in interactive use; None when quiet, on other ranks, or without a terminal."""
     if not _main or _quiet or not sys.stderr.isatty():

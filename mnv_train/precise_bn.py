@@ -11,7 +11,6 @@ import itertools
 from typing import Iterable, Iterator, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import data, finetune, logs
@@ -58,7 +57,7 @@ def loader_batches(loader, sampler: data.EpochSampler, device_input, epoch: int)
     so recalibration is deterministic. Batch-level mixing and erasing are left out: evaluation never sees them.
     The training loop sets the sampler's position itself, so borrowing it does not disturb resume."""
     sampler.set_position(epoch, 0)
-    return (images for images, _ in data.device_batches(loader, device_input))
+    return (images for images, *_ in data.device_batches(loader, device_input))
 
 
 def recipe_batches(recipe, norm: data.Normalization, world, batch_size: int) -> Iterator[torch.Tensor]:
@@ -72,19 +71,6 @@ def recipe_batches(recipe, norm: data.Normalization, world, batch_size: int) -> 
     return loader_batches(loader, sampler, device_input, epoch=0)
 
 
-def average_over_ranks(model: nn.Module, world):
-    """Every rank saw its own shard; the mean of their statistics keeps the replicas identical."""
-    if not world.distributed:
-        return
-    buffers = [b for layer in model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
-               and layer.track_running_stats for b in (layer.running_mean, layer.running_var)]
-    flat = torch.cat([b.flatten() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= world.size
-    for b, values in zip(buffers, flat.split([b.numel() for b in buffers])):
-        b.copy_(values.view_as(b))
-
-
 def recalibrate_run(run):
     """Recompute BN running statistics of the raw and EMA weights over run.recipe.train.precise_bn_batches."""
     wanted = run.recipe.train.precise_bn_batches
@@ -96,4 +82,4 @@ def recalibrate_run(run):
         logs.warn(f'precise BN used {used} batches, not train.precise_bn_batches={wanted}: the training split '
                   f'has no more for this process')
     for model in models:
-        average_over_ranks(model, run.world)
+        run.world.average_batchnorm(model)

@@ -75,6 +75,7 @@ class DataConfig:
     mean: Optional[list] = None  # None: the model's pretrained config
     std: Optional[list] = None
     num_workers: int = _f(2, ge=0)
+    max_bad_fraction: float = _f(0.001, ge=0, le=1)  # unreadable training images an epoch may skip, as a share
     decode: Literal['host', 'device'] = 'host'  # device: JPEG decode + crop + flip on the training device
     synthetic_train_size: int = _f(512, ge=1)
     synthetic_val_size: int = _f(128, ge=1)
@@ -164,8 +165,13 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
+    # BatchNorm running statistics under DDP: 'reduce' averages them over ranks after every optimizer step, so
+    # evaluation and checkpoints see every rank's batches; 'broadcast' keeps DDP's default (rank 0's)
+    dist_bn: Literal['reduce', 'broadcast'] = 'reduce'
     seed: int = 42
-    deterministic: bool = True  # bit-reproducible on CPU
+    # CUDA only (CPU runs are bit-reproducible either way): true = deterministic kernels everywhere, cuDNN and
+    # cuBLAS included, so a GPU run resumes bit-identically, at a cost in speed; false = cuDNN autotuning (fast)
+    deterministic: bool = False
     eval_every: int = _f(1, ge=1)  # epochs
     log_every: int = _f(50, ge=1)  # optimizer steps
     keep_checkpoints: int = _f(2, ge=1)  # step checkpoints kept besides last and best

@@ -76,11 +76,11 @@ def test_transform_depends_only_on_the_sample_seed():
     source = data.SyntheticImages(8, 4, 32, seed=0, training=True)
     dataset = data.TransformedDataset(source, data.train_transform(cfg, aug, data.Normalization((0.5,) * 3,
                                                                                                (0.5,) * 3)))
-    first, label = dataset[(5, 1234)]
+    first, label, skipped = dataset[(5, 1234)]
     torch.manual_seed(99)
     np.random.seed(7)
-    again, _ = dataset[(5, 1234)]
-    other, _ = dataset[(5, 4321)]
+    again, _, _ = dataset[(5, 1234)]
+    other, _, _ = dataset[(5, 4321)]
     assert first.dtype == torch.uint8 and first.shape == (3, 32, 32) and label == 1
     assert torch.equal(first, again)
     assert not torch.equal(first, other)

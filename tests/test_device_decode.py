@@ -55,7 +55,8 @@ def test_device_crop_matches_the_host_crop():
     decode = device_decode.DeviceDecode(norm, torch.device('cpu'), channels_last=False, img_size=48)
     for plan in (device_decode.CropPlan(10, 20, 60, 80, 'bilinear', False),
                  device_decode.CropPlan(0, 0, 90, 120, 'bicubic', True)):
-        device_result = decode.crop(decoded, plan)
+        boxes = torch.tensor([[plan.top, plan.left, plan.height, plan.width]])
+        device_result = decode.crop([decoded], boxes, torch.tensor([plan.flip]))[0]
         host_result = plan.apply_on_host(on_host, 48).float()
         assert device_result.shape == host_result.shape == (3, 48, 48)
         assert (device_result - host_result).abs().mean() < 2.0  # of 255
@@ -77,14 +78,14 @@ def test_batches_mix_device_decoded_jpegs_and_host_finished_pngs(tmp_path):
 
     dataset = device_decode.EncodedDataset(Files(), device_decode.CropPlanner(AugConfig()), img_size=32)
     batch = device_decode.collate([dataset[(i, 100 + i)] for i in range(3)])
-    assert [p.dim() for p in batch[0]] == [1, 3, 1]  # the PNG was finished on the host
+    assert batch.finished.tolist() == [False, True, False]  # the PNG was finished on the host
     norm = data.Normalization((0.5,) * 3, (0.5,) * 3)
-    images, labels = device_decode.DeviceDecode(norm, torch.device('cpu'), True, 32)(batch)
+    images, labels, skipped = device_decode.DeviceDecode(norm, torch.device('cpu'), True, 32)(batch)
     assert images.shape == (3, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
-    assert labels.tolist() == [0, 1, 2]
+    assert labels.tolist() == [0, 1, 2] and skipped == 0
     assert -1.01 <= images.min() and images.max() <= 1.01
     again = device_decode.collate([dataset[(i, 100 + i)] for i in range(3)])
-    assert again[1] == batch[1]  # the same seeds plan the same crops
+    assert torch.equal(again.boxes, batch.boxes) and torch.equal(again.flips, batch.flips)  # same seeds, same plans
 
 
 def test_randaugment_needs_the_host_path():
@@ -108,3 +109,50 @@ def test_training_with_device_decode_runs_and_is_deterministic(tmp_path, write_r
     a, b = (checkpoint.load(tmp_path / n / 'checkpoints' / 'last.pt') for n in 'ab')
     assert a['state']['step'] == 4
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+class JpegFiles:
+    """A folder-like source of JPEG bytes; `broken` indices hold a file whose header reads but whose data stops."""
+
+    def __init__(self, count, broken=()):
+        self.items = [jpeg_bytes(photo(seed=i)) for i in range(count)]
+        for i in broken:
+            self.items[i] = self.items[i][:self.items[i].index(b'\xff\xda') + 20]
+
+    def __len__(self):
+        return len(self.items)
+
+    def read_bytes(self, index):
+        return self.items[index], index % 2
+
+    def describe(self, index):
+        return f'img{index}.jpg'
+
+
+def test_a_batch_travels_as_a_few_tensors_whatever_its_size_also_through_workers():
+    dataset = device_decode.EncodedDataset(JpegFiles(12), device_decode.CropPlanner(AugConfig()), img_size=32)
+    sampler = [(i, 7 + i) for i in range(12)]
+    loader = data.make_loader(dataset, sampler, 6, num_workers=2, drop_last=True, pin_memory=False,
+                              collate_fn=device_decode.collate)
+    batches = list(loader)
+    assert len(batches) == 2
+    for number, batch in enumerate(batches):
+        assert sum(isinstance(field, torch.Tensor) for field in batch) == 6  # not one tensor per image
+        files = dataset.source.items[6 * number:6 * number + 6]
+        assert batch.offsets.tolist() == np.cumsum([0] + [len(f) for f in files]).tolist()
+    single = device_decode.collate([dataset[item] for item in sampler[:6]])
+    assert torch.equal(single.data, batches[0].data) and torch.equal(single.boxes, batches[0].boxes)
+
+
+def test_a_file_the_device_cannot_decode_is_replaced_by_the_next_one_and_named(capsys):
+    dataset = device_decode.EncodedDataset(JpegFiles(4, broken=[1]), device_decode.CropPlanner(AugConfig()), 32)
+    batch = device_decode.collate([dataset[(i, i)] for i in range(4)])
+    norm = data.Normalization((0.5,) * 3, (0.5,) * 3)
+    decode = device_decode.DeviceDecode(norm, torch.device('cpu'), False, 32)
+    images, labels, skipped = decode(batch)
+    assert skipped == 1 and labels.tolist() == [0, 0, 0, 1]  # sample 2 (label 0) stands in for sample 1
+    assert torch.equal(images[1], images[2])
+    assert 'cannot read image img1.jpg on the device or the host; skipped it, img2.jpg takes its place' in \
+        capsys.readouterr().err
+    again, _, _ = decode(batch)
+    assert torch.equal(again, images)

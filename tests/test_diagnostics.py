@@ -58,6 +58,15 @@ def test_dry_run_reports_the_schedule_ema_and_speed_and_plots_the_lr(write_recip
     assert not (out / 'checkpoints').exists()
 
 
+def test_dry_run_times_a_probe_batch_and_scales_it_when_a_micro_batch_is_slow(write_recipe, tmp_path, capsys,
+                                                                             monkeypatch):
+    monkeypatch.setattr(diagnostics, 'PROBE_SECONDS', 0.0)  # as if one sample took longer than the budget
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
+    text = capsys.readouterr().out
+    assert '(3 micro-batches of 2 timed and scaled to the per-device 16)' in text
+    assert '(2 micro-batches + update)' in text and 'model compute only' in text
+
+
 def test_epoch_summary_marks_ema_numbers_while_the_ema_is_warming_up(built):
     run = built({'ema': {'decay': 0.99, 'warmup': False}})
     warm = 1 + math.ceil(math.log(0.5) / math.log(0.99))  # the EMA copies the model at step 1, then averages
