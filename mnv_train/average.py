@@ -16,8 +16,9 @@ from typing import Optional
 
 from . import checkpoint, distributed, logs
 from . import recipe as recipes
-from .cli import guarded
+from .entry import add_recipe_arguments, guarded, recipe_overrides
 from .errors import UserError
+from .evaluation import evaluate_weights
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,8 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--force', action='store_true', help='overwrite an existing output file')
     p.add_argument('--precise-bn', type=int, metavar='N', help='recompute BatchNorm statistics of the average '
                    'over N training batches (default: the recipe\'s train.precise_bn_batches)')
-    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE')
-    p.add_argument('--data-dir')
+    add_recipe_arguments(p)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--device', default='auto')
     return p
@@ -57,32 +57,6 @@ def average_weights(paths: list[Path], part: str) -> tuple[dict, dict]:
                 if value.is_floating_point():
                     total[key] += value.double()
     return {k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()}, recipe
-
-
-def evaluate_weights(recipe: recipes.Recipe, state_dict: dict, world, batch_size: int,
-                     precise_bn_batches: int) -> tuple[dict, dict]:
-    """(metrics on every eval set of the recipe, the weights as evaluated: with recalibrated BN if asked)."""
-    from . import data, model as models, precise_bn
-    from .build import autocast, eval_sets
-    from .engine import evaluate
-
-    source = data.open_source(recipe.data, recipe.data.val_split, recipe.train.seed)
-    module = models.create(recipe.model, recipe.model.num_classes or getattr(source, 'num_classes', None))
-    models.load_weights(module, state_dict, 'the averaged weights')
-    norm = data.resolve_normalization(recipe.data, module)
-    module = models.prepare(module, world.device, recipe.train.channels_last)
-    if precise_bn_batches:
-        with autocast(recipe.train.amp, world.device):
-            used = precise_bn.recalibrate(module, precise_bn.recipe_batches(recipe, norm, world, batch_size),
-                                          precise_bn_batches)
-        world.average_batchnorm(module)
-        logs.info(f'BatchNorm statistics recomputed over {used} training batches')
-    normalize = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
-    metrics = {}
-    for eval_set in eval_sets(recipe, source, norm, world, batch_size):
-        result = evaluate(module, eval_set.loader, normalize, world, recipe.train.amp)
-        metrics.update({f'{key}{eval_set.name}': result[key] for key in ('top1', 'top5', 'loss')})
-    return metrics, {k: v.cpu() for k, v in module.state_dict().items()}
 
 
 @guarded
@@ -111,10 +85,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     world = distributed.init(args.device)
     logs.configure(world.is_main, False)
     averaged, recipe_dict = average_weights([path for _, path in chosen], 'ema' if weights == 'ema' else 'model')
-    overrides = list(args.overrides) + ([f'data.data_dir={args.data_dir}'] if args.data_dir else [])
-    recipe = recipes.from_dict(recipes.apply_overrides(recipe_dict, overrides))
+    recipe = recipes.from_dict(recipes.apply_overrides(recipe_dict, recipe_overrides(args)))
     precise = recipe.train.precise_bn_batches if args.precise_bn is None else args.precise_bn
-    metrics, evaluated = evaluate_weights(recipe, averaged, world, args.batch_size, precise)
+    results, evaluated, recalibrated = evaluate_weights(recipe, averaged, 'the averaged weights', world,
+                                                        args.batch_size, precise)
+    if recalibrated:
+        logs.info(f'BatchNorm statistics recomputed over {recalibrated} training batches')
+    metrics = {f'{key}{eval_set.name}': result[key] for eval_set, result in results for key in ('top1', 'top5', 'loss')}
 
     sources = [{'checkpoint': path.name, 'step': checkpoint.read_manifest(path)['step'], key: score}
                for score, path in chosen]

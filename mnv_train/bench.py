@@ -22,9 +22,9 @@ import torch
 from . import distributed, logs
 from . import recipe as recipes
 from .build import Run, build_run
-from .cli import guarded
+from .engine import epoch_batches, forward_backward, optimizer_step, train_steps
+from .entry import add_recipe_arguments, guarded, recipe_overrides
 from .errors import UserError
-from .engine import StepBudget, epoch_batches, forward_backward, optimizer_step, train_steps
 
 
 def _sync(device: torch.device):
@@ -68,9 +68,8 @@ def input_rate(run: Run, steps: int, warmup: int) -> float:
 
 def train_rate(run: Run, steps: int, warmup: int) -> float:
     """img/s of the real training loop (engine.train_one_epoch), timed after the warm-up steps."""
-    budget = StepBudget(run, warmup + steps)
-    train_steps(run, budget)
-    return steps * run.plan.global_batch / (budget.step_ends[-1] - budget.step_ends[warmup - 1])
+    ends = train_steps(run, warmup + steps)
+    return steps * run.plan.global_batch / (ends[-1] - ends[warmup - 1])
 
 
 def bench(run: Run, steps: int, warmup: int) -> dict:
@@ -95,8 +94,7 @@ def bench(run: Run, steps: int, warmup: int) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m mnv_train.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--recipe', required=True)
-    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE')
-    p.add_argument('--data-dir')
+    add_recipe_arguments(p)
     p.add_argument('--img-size', type=int, help='default: the recipe\'s')
     p.add_argument('--batch-size', type=int, help='per device (default: the recipe\'s train.batch_size)')
     p.add_argument('--workers', type=int, help='loader workers per process (default: the recipe\'s)')
@@ -111,8 +109,7 @@ def parser() -> argparse.ArgumentParser:
 @guarded
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
-    overrides = list(args.overrides)
-    overrides += [f'data.data_dir={args.data_dir}'] if args.data_dir else []
+    overrides = recipe_overrides(args)
     overrides += [f'data.img_size={args.img_size}'] if args.img_size else []
     overrides += [f'data.num_workers={args.workers}'] if args.workers is not None else []
     recipe = recipes.load(args.recipe, overrides)

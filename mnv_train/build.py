@@ -1,4 +1,4 @@
-"""Assembles a run from a recipe: data, model, EMA, optimizer, schedule, loaders, for this process."""
+"""Assembles a run from a recipe, for this process: data, model, EMA, optimizer, schedule, loaders."""
 from __future__ import annotations
 
 import contextlib
@@ -12,37 +12,15 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from . import data, finetune, logs, model as models
+from . import data, finetune, logs, pipeline
+from . import model as models
 from .checkpoint import Checkpointer
 from .distributed import World
 from .errors import UserError
 from .logs import MetricsLog
 from .optim import BatchPlan, TrainLoss, create_optimizer, create_scheduler, plan_batch, total_epochs
 from .recipe import Recipe
-
-
-@dataclass
-class TrainState:
-    """Where the run is; everything else about the position is derived from this."""
-    epoch: int = 0
-    step: int = 0  # optimizer steps done
-    samples_seen: int = 0  # over all ranks, all epochs
-    samples_in_epoch: int = 0  # over all ranks, this epoch
-    loss_sum: float = 0.0  # finite train losses of this epoch, summed, and how many
-    loss_count: int = 0
-    skipped_in_epoch: int = 0  # unreadable training images replaced this epoch, over all ranks
-    skipped_steps_in_epoch: int = 0  # fp16: optimizer steps the loss scaler skipped (inf/NaN gradients)
-    best_top1: Optional[float] = None
-    best_epoch: Optional[int] = None
-    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
-
-
-@dataclass
-class EvalSet:
-    name: str  # '' for the recipe's eval size, '@448' for the extra ones
-    img_size: int
-    crop_pct: float
-    loader: torch.utils.data.DataLoader
+from .resume import TrainState
 
 
 @dataclass
@@ -82,7 +60,7 @@ class Run:
         return self.steps_per_epoch * self.plan.global_batch
 
     def autocast(self):
-        return autocast(self.recipe.train.amp, self.world.device)
+        return models.autocast(self.recipe.train.amp, self.world.device)
 
     def no_sync(self, finishing: bool):
         """Skip DDP's gradient all-reduce on accumulation micro-steps."""
@@ -99,12 +77,6 @@ class Run:
 BUFFERS_PER_RANK = ({'forward_sync_buffers': False}
                     if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
                     else {'broadcast_buffers': False})
-
-
-def autocast(amp: str, device: torch.device):
-    if amp == 'none':
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
 def check_amp(amp: str, device: torch.device):
@@ -125,36 +97,10 @@ def set_determinism(deterministic: bool):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, batch_size: int) -> list[EvalSet]:
-    cfg = recipe.data
-    sizes = [('', cfg.eval_img_size or cfg.img_size, cfg.crop_pct)]
-    sizes += [(f'@{int(size)}', int(size), float(crop)) for size, crop in cfg.extra_evals]
-    sets = []
-    for name, size, crop in sizes:
-        dataset = data.TransformedDataset(source, data.eval_transform(size, crop, cfg.interpolation, norm))
-        sampler = data.ShardSampler(len(source), world.rank, world.size)
-        loader = data.make_loader(dataset, sampler, batch_size, cfg.num_workers, drop_last=False,
-                                  pin_memory=world.device.type == 'cuda')
-        sets.append(EvalSet(name, size, crop, loader))
-    return sets
-
-
 def create_ema(module: torch.nn.Module, plan: BatchPlan, recipe: Recipe) -> ModelEmaV3:
     """timm's ModelEmaV3 with the decay and start step rescaled to this run's global batch."""
     return ModelEmaV3(module, decay=plan.ema_decay, use_warmup=recipe.ema.warmup,
                       update_after_step=plan.ema_start_step)
-
-
-def train_pipeline(recipe: Recipe, source, norm: data.Normalization, world: World):
-    """(dataset, collate_fn, device input) for training: PIL on the host, or JPEG decode on the device."""
-    channels_last = recipe.train.channels_last
-    if recipe.data.decode == 'device':
-        from . import device_decode
-        dataset = device_decode.EncodedDataset(source, device_decode.CropPlanner(recipe.aug), recipe.data.img_size)
-        return dataset, device_decode.collate, device_decode.DeviceDecode(norm, world.device, channels_last,
-                                                                          recipe.data.img_size)
-    dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm))
-    return dataset, data.collate, data.DeviceNormalize(norm, world.device, channels_last)
 
 
 def use_sync_bn(wanted: bool, world: World) -> bool:
@@ -203,9 +149,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
                         f'batch of {plan.global_batch}; lower train.global_batch_size')
-    train_dataset, collate, train_input = train_pipeline(recipe, train_source, norm, world)
-    train_loader = data.make_loader(train_dataset, train_sampler, plan.per_device, recipe.data.num_workers,
-                                    drop_last=True, pin_memory=world.device.type == 'cuda', collate_fn=collate)
+    train_loader, train_input = pipeline.training_input(recipe, train_source, train_sampler, norm, world,
+                                                        plan.per_device)
 
     optimizer = create_optimizer(module, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
@@ -221,9 +166,10 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(world.device.type, enabled=train_cfg.amp == 'fp16'),
         loss_fn=TrainLoss(recipe.loss), train_sampler=train_sampler, train_loader=train_loader,
-        steps_per_epoch=steps_per_epoch, evals=eval_sets(recipe, val_source, norm, world, plan.per_device),
+        steps_per_epoch=steps_per_epoch, evals=pipeline.eval_sets(recipe, val_source, norm, world, plan.per_device),
         train_input=train_input, normalize=data.DeviceNormalize(norm, world.device, train_cfg.channels_last),
         augment=data.BatchAugment(recipe.aug, num_classes, recipe.loss.smoothing, world.device),
         checkpointer=Checkpointer(Path(run_dir) / 'checkpoints', train_cfg.keep_checkpoints, world.is_main,
-                                  train_cfg.keep_best_checkpoints),
+                                  train_cfg.keep_best_checkpoints, train_cfg.checkpoint_every_steps,
+                                  train_cfg.checkpoint_every_minutes),
         metrics=MetricsLog(Path(run_dir), world.is_main))

@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes: atomic writes, a checksum manifest, safe loading, pruning.
+"""The checkpoint file format: atomic writes, a checksum manifest, safe loading, pruning, periodic saves.
 
 Each checkpoint is `step-NNNNNNNN.pt` plus a JSON manifest (sha256, size, step, epoch, metrics) beside it.
 `last.pt` and `best.pt` are hard links to step files. A file that fails its checksum, or that holds
@@ -11,10 +11,12 @@ import io
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file
 
 from . import logs
 from .errors import UserError
@@ -106,7 +108,6 @@ def load_state_dict(path: Path, use_ema: bool) -> dict:
     if not path.is_file():
         raise UserError(f'checkpoint {path} not found')
     if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
@@ -122,10 +123,21 @@ def load_state_dict(path: Path, use_ema: bool) -> dict:
 
 class Checkpointer:
     """Writes step checkpoints (rank 0 only), keeps the newest `keep`, the `keep_best` best-evaluated ones
-    (for checkpoint averaging), and last and best."""
+    (for checkpoint averaging), and last and best; and says when a periodic checkpoint is due."""
 
-    def __init__(self, directory: Path, keep: int, is_writer: bool, keep_best: int = 0):
+    def __init__(self, directory: Path, keep: int, is_writer: bool, keep_best: int = 0, every_steps: int = 0,
+                 every_minutes: float = 0.0):
         self.directory, self.keep, self.is_writer, self.keep_best = Path(directory), keep, is_writer, keep_best
+        self.every_steps, self.every_minutes = every_steps, every_minutes
+        self.last_save = time.monotonic()
+
+    def due_by_steps(self, step: int) -> bool:
+        """train.checkpoint_every_steps: the same answer on every rank."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def due_by_clock(self) -> bool:
+        """train.checkpoint_every_minutes, by this process's clock; ranks must agree on rank 0's answer."""
+        return bool(self.every_minutes) and time.monotonic() - self.last_save >= 60 * self.every_minutes
 
     def step_files(self) -> list[Path]:
         return sorted(self.directory.glob('step-*.pt'), reverse=True)
@@ -145,6 +157,7 @@ class Checkpointer:
         return sorted(scored, key=lambda item: item[0], reverse=True)
 
     def save(self, payload: dict, meta: dict, is_best: bool) -> Optional[Path]:
+        self.last_save = time.monotonic()
         if not self.is_writer:
             return None
         path = self.directory / f'step-{meta["step"]:08d}.pt'
@@ -168,97 +181,3 @@ class Checkpointer:
             except UserError as e:
                 logs.warn(f'{e}; falling back to an older checkpoint')
         return None
-
-
-# ---------------------------------------------------------------------------------------------- run state
-
-def rng_state() -> dict:
-    import random
-
-    import numpy as np
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # no CUDA generators: the loop reseeds them at every micro-step, and a checkpoint from 8 GPUs must load on 1
-    return {'python': random.getstate(), 'numpy': [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
-            'torch': torch.get_rng_state()}
-
-
-def set_rng_state(state: dict):
-    import random
-
-    import numpy as np
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])  # older checkpoints' per-GPU 'cuda' states are ignored on purpose
-
-
-def capture(run) -> tuple[dict, dict]:
-    """(payload, manifest) for the run as it stands after its last optimizer step."""
-    from dataclasses import asdict
-    state = asdict(run.state)
-    payload = {
-        'model': run.module.state_dict(),
-        'ema': run.ema.module.state_dict() if run.ema is not None else None,
-        'optimizer': run.optimizer.state_dict(),
-        'scaler': run.scaler.state_dict(),
-        'state': state,
-        'rng': rng_state(),
-        'recipe': run.recipe.to_dict(),
-        'plan': {'world_size': run.plan.world_size, 'per_device': run.plan.per_device,
-                 'accum_steps': run.plan.accum_steps, 'global_batch': run.plan.global_batch},
-    }
-    last = run.state.history[-1] if run.state.history else {}
-    manifest = {'step': run.state.step, 'epoch': run.state.epoch, 'samples_seen': run.state.samples_seen,
-                'metrics': last, 'best_top1': run.state.best_top1}
-    return payload, manifest
-
-
-def match_parameter_layout(optimizer: torch.optim.Optimizer):
-    """Optimizer moments in the memory layout of their parameters, which may differ from the saved run's
-    (train.channels_last toggled): fused and foreach kernels expect the two to match."""
-    for group in optimizer.param_groups:
-        for parameter in group['params']:
-            state = optimizer.state.get(parameter, {})
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == parameter.shape \
-                        and value.stride() != parameter.stride():
-                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
-
-
-def restore(run, payload: dict) -> list[str]:
-    """Put a checkpoint back into a freshly built run; returns notes on what had to be adapted."""
-    from .build import TrainState
-    notes = []
-    try:
-        run.module.load_state_dict(payload['model'])
-        if run.ema is not None:
-            if payload.get('ema') is not None:
-                run.ema.module.load_state_dict(payload['ema'])
-            else:
-                run.ema.module.load_state_dict(payload['model'])
-                notes.append('the checkpoint has no EMA weights; EMA restarts from the model weights')
-        run.optimizer.load_state_dict(payload['optimizer'])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f'checkpoint does not fit this recipe\'s model/optimizer: {str(e).splitlines()[0]}') from None
-    match_parameter_layout(run.optimizer)
-    if payload['scaler'] or not run.scaler.is_enabled():
-        run.scaler.load_state_dict(payload['scaler'])
-    else:
-        notes.append('the checkpoint was trained without fp16 loss scaling: the loss scale starts fresh')
-    run.state = TrainState(**payload['state'])
-    old_batch = payload['plan']['global_batch']
-    if old_batch != run.plan.global_batch:
-        run.state.step = run.state.samples_seen // run.plan.global_batch
-        notes.append(f'global batch changed {old_batch} -> {run.plan.global_batch}: resuming at step '
-                     f'{run.state.step} by samples seen ({run.state.samples_seen})')
-    elif payload['plan']['world_size'] != run.plan.world_size:
-        notes.append(f'world size changed {payload["plan"]["world_size"]} -> {run.plan.world_size}: same global '
-                     f'batch, accumulation {payload["plan"]["accum_steps"]} -> {run.plan.accum_steps}')
-    if run.state.samples_in_epoch % (run.world.size * run.plan.per_device):
-        run.state.samples_in_epoch -= run.state.samples_in_epoch % (run.world.size * run.plan.per_device)
-        notes.append('mid-epoch position rounded down to a whole batch of the new world size')
-    if run.scheduler is not None:
-        run.scheduler.step_update(run.state.step)
-    set_rng_state(payload['rng'])
-    return notes

@@ -4,8 +4,11 @@ The same code runs on one process (no process group at all) and on N; nothing he
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -104,6 +107,8 @@ def init(device: str = 'auto') -> World:
     dev = torch.device('cuda', cuda_index(device, local_rank)) if use_cuda else torch.device('cpu')
     if use_cuda:
         torch.cuda.set_device(dev)
+    if 'TORCHELASTIC_RUN_ID' in os.environ:
+        stop_with_parent()
     control = None
     if size > 1:
         if not dist.is_initialized():
@@ -112,6 +117,17 @@ def init(device: str = 'auto') -> World:
                                     **({'device_id': dev} if use_cuda else {}))
         control = dist.new_group(backend='gloo') if use_cuda else dist.group.WORLD
     return World(rank=rank, size=size, local_rank=local_rank, device=dev, control=control)
+
+
+def stop_with_parent():
+    """Ask Linux for a SIGTERM when the torchrun agent that started this process dies (PR_SET_PDEATHSIG), so that
+    orphaned ranks checkpoint and stop instead of training on beside a restarted job. The loop also compares
+    the parent pid at every step, for where this is not available."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def cuda_index(device: str, local_rank: int) -> int:

@@ -1,24 +1,31 @@
-"""The training loop: epochs of optimizer steps, evaluation, checkpoints.
+"""The training loop: epochs of optimizer steps, and the points where a run logs, evaluates, saves, rolls back
+or stops.
 
-Nothing in the step waits for the device; losses are read back at log points (every train.log_every steps),
-which is also where ranks agree on stopping, checkpointing and non-finite losses.
+Nothing in a step waits for the device. What the steps leave there (losses, fp16 skip flags) is read back at
+sync points, the log points, the periodic checkpoints and the epoch ends, which is also where the ranks agree
+on non-finite losses, unreadable images and the checkpoint clock. A stop request (SIGTERM, SIGUSR1) is voted on
+the host after every optimizer step, so it reaches every rank within one step.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import torch
 from timm.utils import dispatch_clip_grad
 
-from . import checkpoint, diagnostics, logs, precise_bn
+from . import diagnostics, evaluation, logs, resume
 from .build import Run
 from .data import derive_seed, device_batches, seed_everything
 from .errors import UserError
+from .runlock import RunLock
 
 STEP_STREAM = 0x5EED  # keeps per-step seeds apart from per-sample ones
+MAX_ROLLBACKS = 2  # roll-backs for non-finite losses before the run gives up
 
 
 class StopFlag:
@@ -32,47 +39,100 @@ class StopFlag:
 
 
 class Interrupted(Exception):
-    """Training stopped early on request, after saving a checkpoint."""
+    """Training stopped early, on a signal or at --max-steps, after saving a checkpoint.
+
+    Raised in train_one_epoch; train.py catches it and exits 0, printing the command that resumes the run.
+    """
 
 
-def fit(run: Run, stop: StopFlag, max_steps: int = 0):
-    """Train from wherever run.state is to the end of the schedule (or to max_steps, then checkpoint and stop)."""
-    monitor = StepMonitor(run, stop, max_steps)
+class RolledBack(Exception):
+    """The run went back to its last good checkpoint after non-finite losses or weights.
+
+    Raised by roll_back (from sync or save_checkpoint); fit catches it and carries on from the restored state.
+    """
+
+
+class BudgetSpent(Exception):
+    """train_steps has run the steps it was given, or its caller's after_step chose to stop; train_steps catches
+    it."""
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def fit(run: Run, stop: StopFlag, max_steps: int = 0, lock: Optional[RunLock] = None):
+    """Train from wherever run.state is to the end of the schedule (or to max_steps, then checkpoint and stop),
+    keeping the run folder's lock alive."""
+    watch = Watch(run, stop, max_steps, lock)
     while run.state.epoch < run.epochs:
-        epoch = run.state.epoch
         try:
-            monitor.begin_epoch(epoch)
-            train_one_epoch(run, epoch, monitor)
-            monitor.end_epoch()
-            end_epoch(run, epoch, monitor)
-        except RolledBack:
+            train_one_epoch(run, run.state.epoch, watch)
+            finish_epoch(run, watch)
+        except RolledBack:  # run.state is an earlier checkpoint's: carry on from there
             continue
     run.metrics.close()
 
 
-def train_one_epoch(run: Run, epoch: int, monitor: StepMonitor):
+def train_one_epoch(run: Run, epoch: int, watch: Watch):
+    """The epoch's remaining optimizer steps; after each, the points where the run may stop, log, roll back or
+    save, each rule asked of the part that owns it."""
+    watch.progress.begin_epoch(run, epoch)
+    for step in optimizer_steps(run, epoch, watch.pending):
+        epoch_end = run.state.samples_in_epoch >= run.samples_per_epoch
+        watch.progress.count_step(run.plan.global_batch)
+        watch.keep_alive()  # the lock's heartbeat; a dead torchrun agent becomes a stop request
+        save_due = run.checkpointer.due_by_steps(step) and not epoch_end  # finish_epoch saves the epoch end
+        if watch.progress.due(step):
+            window_loss, clock_due = sync(run, watch, at_log_point=True)  # may roll back: raises RolledBack
+            watch.progress.log(run, window_loss)
+            save_due = save_due or (clock_due and not epoch_end)
+        if watch.stop_agreed(step):  # --max-steps, or a signal on any rank (a host-side vote every step)
+            save_checkpoint(run, watch)
+            raise Interrupted(watch.stop.reason)  # train.py exits 0 and says how to resume
+        if save_due:
+            save_checkpoint(run, watch)
+    watch.progress.end_epoch()
+
+
+def finish_epoch(run: Run, watch: Watch):
+    """The epoch's row of metrics (evaluated when train.eval_every says so), its report and its checkpoint."""
+    sync(run, watch)  # may roll back: raises RolledBack
+    state, epoch = run.state, run.state.epoch
+    row = epoch_row(run)
+    if evaluation.due(epoch, run.epochs, run.recipe.train.eval_every):
+        row.update(evaluation.evaluate_run(run))
+    state.epoch, state.samples_in_epoch, state.skipped_in_epoch, state.skipped_steps_in_epoch = epoch + 1, 0, 0, 0
+    score = max(row.get('top1', -1), row.get('ema_top1', -1))
+    improved = 'top1' in row and (state.best_top1 is None or score > state.best_top1)
+    if improved:
+        state.best_top1, state.best_epoch = score, epoch
+    state.history.append(row)
+    logs.summary(diagnostics.epoch_summary(run, row))
+    for warning in diagnostics.epoch_warnings(run):
+        logs.warn(warning)
+    run.metrics.scalars(state.step, {f'eval/{k}': v for k, v in row.items() if k not in ('epoch', 'step')})
+    save_checkpoint(run, watch, is_best=improved)
+    run.metrics.write_history(state.history)
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+def optimizer_steps(run: Run, epoch: int, pending: Pending) -> Iterator[int]:
+    """The epoch's optimizer steps from run.state's position, yielding the step number after each.
+
+    Training, the LR range test and the benchmarks share it, so that they measure exactly what trains.
+    """
     state, accum = run.state, run.plan.accum_steps
     run.model.train()
     for batch_index, (images, targets, skipped) in epoch_batches(run, epoch):
-        monitor.skipped += skipped
         seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, state.step, batch_index % accum,
                                     run.world.rank))
         images, targets = run.augment(images, targets, epoch)
         finishing = (batch_index + 1) % accum == 0
-        monitor.record(forward_backward(run, images, targets, finishing))
+        pending.record_batch(forward_backward(run, images, targets, finishing), skipped)
         if finishing:
-            monitor.record_update(optimizer_step(run))
-            state.samples_in_epoch += run.plan.global_batch
-            state.samples_seen += run.plan.global_batch
-            monitor.after_step()
-
-
-def forward_backward(run: Run, images, targets, finishing: bool) -> torch.Tensor:
-    """One micro-batch: loss and gradients (all-reduced by DDP only on the step's last micro-batch)."""
-    with run.no_sync(finishing), run.autocast():
-        loss = run.loss_fn(run.model(images), targets)
-    run.scaler.scale(loss / run.plan.accum_steps).backward()
-    return loss.detach()
+            pending.record_update(optimizer_step(run))
+            state.add_samples(run.plan.global_batch)
+            yield state.step
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -83,6 +143,14 @@ def epoch_batches(run: Run, epoch: int):
     remaining = max(0, run.steps_per_epoch * run.plan.accum_steps - done)
     batches = device_batches(itertools.islice(run.train_loader, remaining), run.train_input)
     return zip(itertools.count(done), batches)
+
+
+def forward_backward(run: Run, images, targets, finishing: bool) -> torch.Tensor:
+    """One micro-batch: loss and gradients (all-reduced by DDP only on the step's last micro-batch)."""
+    with run.no_sync(finishing), run.autocast():
+        loss = run.loss_fn(run.model(images), targets)
+    run.scaler.scale(loss / run.plan.accum_steps).backward()
+    return loss.detach()
 
 
 def optimizer_step(run: Run) -> Optional[torch.Tensor]:
@@ -110,81 +178,62 @@ def optimizer_step(run: Run) -> Optional[torch.Tensor]:
     return run.scaler._scale < scale_before if scale_before is not None else None
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, normalize, world, amp: str) -> dict:
-    """top-1 / top-5 (%) and loss over the whole split, every sample counted once across ranks."""
-    from .build import autocast
-    model.eval()
-    correct1 = correct5 = loss_sum = count = 0.0
-    for images, targets, _ in device_batches(loader, normalize):
-        with autocast(amp, world.device):
-            logits = model(images)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-        correct1 += top[:, 0].sum()
-        correct5 += top.any(dim=1).sum()
-        loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction='sum')
-        count += len(targets)
-    correct1, correct5, loss_sum, count = world.sum([float(correct1), float(correct5), float(loss_sum), count])
-    if count == 0:
-        raise UserError('the validation split is empty')
-    return {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'loss': loss_sum / count,
-            'count': int(count)}
+# ---------------------------------------------------------------------------------------------- between steps
+
+@dataclass
+class Pending:
+    """What the steps since the last sync point left behind, kept off the device's critical path."""
+    losses: list = field(default_factory=list)  # device scalars, one per micro-batch
+    fp16_skips: list = field(default_factory=list)  # device flags, one per optimizer step (fp16 only)
+    images_skipped: int = 0  # unreadable images this rank replaced
+
+    def record_batch(self, loss: torch.Tensor, images_skipped: int):
+        self.losses.append(loss)
+        self.images_skipped += images_skipped
+
+    def record_update(self, skipped: Optional[torch.Tensor]):
+        if skipped is not None:
+            self.fp16_skips.append(skipped)
+
+    def read_back(self) -> tuple[list[float], int, int]:
+        """(losses, fp16 steps skipped, images skipped) since the last call: one device sync."""
+        losses = torch.stack(self.losses).float().tolist() if self.losses else []
+        fp16 = int(torch.stack(self.fp16_skips).sum()) if self.fp16_skips else 0
+        images = self.images_skipped
+        self.losses, self.fp16_skips, self.images_skipped = [], [], 0
+        return losses, fp16, images
 
 
-def evaluate_all(run: Run) -> dict:
-    """Raw and EMA weights on every eval set: {'top1': .., 'ema_top1': .., 'top1@448': ..}."""
-    if run.recipe.train.precise_bn_batches:
-        precise_bn.recalibrate_run(run)
-    metrics = {}
-    weights = [('', run.module)] + ([('ema_', run.ema.module)] if run.ema is not None else [])
-    for eval_set in run.evals:
-        for prefix, model in weights:
-            result = evaluate(model, eval_set.loader, run.normalize, run.world, run.recipe.train.amp)
-            for key in ('top1', 'top5', 'loss'):
-                metrics[f'{prefix}{key}{eval_set.name}'] = result[key]
-    return metrics
+class NonFiniteGuard:
+    """Non-finite losses in a row, and roll-backs so far. A few bad losses are tolerated (fp16 overflows skip
+    their steps by themselves); train.max_bad_steps of them in a row, or weights that stopped being finite,
+    send the run back to its last good checkpoint, at most MAX_ROLLBACKS times."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bad_in_a_row, self.rollbacks = limit, 0, 0
+
+    def observe(self, losses: list[float]) -> int:
+        """Counts the trailing run of non-finite losses, continued from the previous read if none was finite."""
+        trailing = next((i for i, v in enumerate(reversed(losses)) if math.isfinite(v)), len(losses))
+        self.bad_in_a_row = self.bad_in_a_row + trailing if trailing == len(losses) else trailing
+        return self.bad_in_a_row
+
+    def tolerates(self, bad_in_a_row: int, weights_finite: bool) -> bool:
+        return weights_finite and bad_in_a_row < self.limit
 
 
-def end_epoch(run: Run, epoch: int, monitor: StepMonitor):
-    state = run.state
-    row = {'epoch': epoch, 'step': state.step, 'lr': run.lr(), 'train_loss': monitor.epoch_loss(),
-           'skipped_images': state.skipped_in_epoch}
-    if run.scaler.is_enabled():
-        row['fp16_skipped_steps'] = state.skipped_steps_in_epoch
-    if (epoch + 1) % run.recipe.train.eval_every == 0 or epoch + 1 == run.epochs:
-        row.update(evaluate_all(run))
-    state.epoch, state.samples_in_epoch, state.skipped_in_epoch, state.skipped_steps_in_epoch = epoch + 1, 0, 0, 0
-    score = max(row.get('top1', -1), row.get('ema_top1', -1))
-    improved = 'top1' in row and (state.best_top1 is None or score > state.best_top1)
-    if improved:
-        state.best_top1, state.best_epoch = score, epoch
-    state.history.append(row)
-    logs.summary(diagnostics.epoch_summary(run, row))
-    for warning in diagnostics.epoch_warnings(run):
-        logs.warn(warning)
-    run.metrics.scalars(state.step, {f'eval/{k}': v for k, v in row.items() if k not in ('epoch', 'step')})
-    monitor.save(is_best=improved)
-    run.metrics.write_history(state.history)
+class Progress:
+    """train.log_every: the log line, the TensorBoard scalars and the progress bar, with the throughput since the
+    last log point."""
 
+    def __init__(self, every: int):
+        self.every, self.bar = every, None
+        self.window_start, self.window_samples, self.window_losses = time.perf_counter(), 0, []
 
-class StepMonitor:
-    """Per-step bookkeeping kept off the device's critical path: loss sums, throughput, stop and save points."""
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
 
-    def __init__(self, run: Run, stop: StopFlag, max_steps: int = 0):
-        self.run, self.stop, self.max_steps = run, stop, max_steps
-        self.losses: list[torch.Tensor] = []  # on the device until the next flush
-        self.window_losses: list[float] = []  # flushed, not yet logged
-        self.bad_steps = 0
-        self.rollbacks = 0
-        self.skipped = 0  # unreadable images this rank replaced since the last sync point
-        self.skip_flags: list[torch.Tensor] = []  # fp16 steps the loss scaler skipped, on the device until a flush
-        self.window_start = time.perf_counter()
-        self.window_samples = 0
-        self.last_save = time.monotonic()
-        self.bar = None
-
-    def begin_epoch(self, epoch: int):
-        run = self.run
+    def begin_epoch(self, run: Run, epoch: int):
         self.bar = logs.progress(run.steps_per_epoch, run.state.samples_in_epoch // run.plan.global_batch,
                                  f'epoch {epoch + 1}/{run.epochs}')
 
@@ -193,92 +242,19 @@ class StepMonitor:
             self.bar.close()
             self.bar = None
 
-    def record(self, loss: torch.Tensor):
-        self.losses.append(loss)
-
-    def record_update(self, skipped: Optional[torch.Tensor]):
-        """fp16: whether the loss scaler skipped this optimizer step, read back at the next flush."""
-        if skipped is not None:
-            self.skip_flags.append(skipped)
-
-    def after_step(self):
-        run, state = self.run, self.run.state
-        self.window_samples += run.plan.global_batch
+    def count_step(self, samples: int):
+        self.window_samples += samples
         if self.bar is not None:
             self.bar.update(1)
-        every = run.recipe.train.checkpoint_every_steps
-        at_log = state.step % run.recipe.train.log_every == 0
-        at_epoch_end = state.samples_in_epoch >= run.samples_per_epoch
-        if self.max_steps and state.step >= self.max_steps:  # the same step on every rank: no vote needed
-            self.stop.request(f'reached --max-steps {self.max_steps}')
-            self.sync_point(at_log, at_epoch_end)
-        elif at_log or at_epoch_end or self.stop_agreed():
-            self.sync_point(at_log, at_epoch_end)
-        elif every and state.step % every == 0:
-            self.save(is_best=False)
 
-    def stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop (SIGTERM, SIGUSR1): a host-side vote after every optimizer step, so
-        a preemption signal to one rank stops them all within a step, inside a scheduler's grace period."""
-        requester = self.run.world.first_rank_with(self.stop.requested)
-        if requester is not None and not self.stop.requested:
-            self.stop.request(f'stop requested on rank {requester}')
-        return requester is not None
-
-    def flush(self):
-        """Read the pending losses back (one device sync) into the epoch sums and the bad-step count."""
-        state = self.run.state
-        values = torch.stack(self.losses).float().tolist() if self.losses else []
-        self.losses = []
-        if self.skip_flags:  # the same on every rank: DDP all-reduces the gradients the scaler checks
-            state.skipped_steps_in_epoch += int(torch.stack(self.skip_flags).sum())
-            self.skip_flags = []
-        finite = [v for v in values if math.isfinite(v)]
-        trailing_bad = next((i for i, v in enumerate(reversed(values)) if math.isfinite(v)), len(values))
-        self.bad_steps = self.bad_steps + trailing_bad if not finite else trailing_bad
-        state.loss_sum += sum(finite)
-        state.loss_count += len(finite)
-        self.window_losses += finite
-
-    def sync_point(self, log: bool, epoch_end: bool = False):
-        """Agree with the other ranks once, then log / roll back / save / stop."""
-        run, state, train_cfg = self.run, self.run.state, self.run.recipe.train
-        self.flush()
-        minutes = train_cfg.checkpoint_every_minutes
-        due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes and run.world.is_main
-        bad, stop, due, skipped = run.world.sum([float(self.bad_steps), float(self.stop.requested), float(due),
-                                                 float(self.skipped)])
-        self.count_skipped(int(skipped))
-        if log and self.window_losses:
-            self.log(sum(self.window_losses) / len(self.window_losses))
-        if bad:
-            self.handle_non_finite(int(bad))
-        every = train_cfg.checkpoint_every_steps
-        if stop:
-            self.save(is_best=False)
-            raise Interrupted(self.stop.reason or 'stop requested on another rank')
-        if (due or (every and state.step % every == 0)) and not epoch_end:  # end_epoch saves anyway
-            self.save(is_best=False)
-
-    def count_skipped(self, skipped_on_all_ranks: int):
-        """Adds the ranks' replaced images to the epoch's count; too many stop the run (the data is broken)."""
-        state, cfg = self.run.state, self.run.recipe.data
-        state.skipped_in_epoch += skipped_on_all_ranks
-        self.skipped = 0
-        allowed = cfg.max_bad_fraction * len(self.run.train_loader.dataset)
-        if state.skipped_in_epoch > allowed:
-            raise UserError(f'{state.skipped_in_epoch} unreadable training images in epoch {state.epoch + 1}, more '
-                            f'than data.max_bad_fraction {cfg.max_bad_fraction:g} of the split allows '
-                            f'({allowed:.0f}): check them with python -m mnv_train.check_data DATA_DIR')
-
-    def log(self, loss: float):
-        run = self.run
-        self.window_losses = []
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{run.lr():.3g}')
+    def log(self, run: Run, loss: Optional[float]):
+        if loss is None:  # no finite loss since the last log point: the guard has warned about it
+            return
         elapsed = time.perf_counter() - self.window_start
         rate = self.window_samples / elapsed if elapsed > 0 else 0.0
         self.window_start, self.window_samples = time.perf_counter(), 0
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{run.lr():.3g}')
         fp16 = ''
         if run.scaler.is_enabled():
             fp16 = (f'  loss scale {run.scaler.get_scale():.0f}, {run.state.skipped_steps_in_epoch} step(s) skipped '
@@ -288,88 +264,159 @@ class StepMonitor:
                       f'{rate:.0f} img/s{fp16}')
         run.metrics.scalars(run.state.step, {'train/loss': loss, 'train/lr': run.lr(), 'train/img_per_s': rate})
 
-    def epoch_loss(self) -> float:
-        self.sync_point(log=False, epoch_end=True)
-        state = self.run.state
-        mean = state.loss_sum / state.loss_count if state.loss_count else float('nan')
-        state.loss_sum, state.loss_count = 0.0, 0
-        return mean
 
-    def weights_finite(self) -> bool:
-        flags = [torch.isfinite(p).all() for p in self.run.module.parameters()]
-        return self.run.world.sum([float(not torch.stack(flags).all())])[0] == 0
+class Watch:
+    """What the loop keeps between sync points: the stop request, what the steps left on the device, the
+    non-finite guard and the progress log."""
 
-    def handle_non_finite(self, bad_steps: int):
-        run = self.run
-        limit = run.recipe.train.max_bad_steps
-        if self.weights_finite() and bad_steps < limit:
-            logs.warn(f'non-finite loss in the last {bad_steps} step(s) up to step {run.state.step}; the steps were '
-                      f'skipped (fp16 loss scale {run.scaler.get_scale() if run.scaler.is_enabled() else "off"})')
-            return
-        self.roll_back(f'loss was non-finite for {bad_steps} step(s) up to step {run.state.step} '
-                       f'(lr {run.lr():.3g})')
+    def __init__(self, run: Run, stop: StopFlag, max_steps: int = 0, lock: Optional[RunLock] = None):
+        self.run, self.stop, self.max_steps, self.lock = run, stop, max_steps, lock
+        self.parent = os.getppid() if 'TORCHELASTIC_RUN_ID' in os.environ else None  # the torchrun agent
+        self.pending = Pending()
+        self.guard = NonFiniteGuard(run.recipe.train.max_bad_steps)
+        self.progress = Progress(run.recipe.train.log_every)
 
-    def roll_back(self, why: str):
-        run = self.run
-        found = run.checkpointer.latest_valid()
-        self.rollbacks += 1
-        if found is None or self.rollbacks > 2:
-            raise UserError(f'{why}; {"no checkpoint to roll back to" if found is None else "it happened again after rolling back twice"}: '
-                            f'lower optim.lr or set optim.clip_grad')
-        path, payload = found
-        logs.warn(f'{why}; rolling back to {path}')
-        checkpoint.restore(run, payload)
-        run.optimizer.zero_grad(set_to_none=True)
-        self.bad_steps, self.losses, self.window_losses = 0, [], []
-        self.end_epoch()
-        raise RolledBack()
+    def keep_alive(self):
+        """Refreshes the lock's heartbeat (at most every 30 s), and turns the death of the torchrun agent into a
+        stop request: ranks that outlive their launcher would hold the GPUs and write beside a restarted job.
+        (distributed.init also asks Linux for a SIGTERM when the agent dies; this catches what that misses.)"""
+        if self.lock is not None:
+            self.lock.heartbeat()
+        if self.parent is not None and os.getppid() != self.parent and not self.stop.requested:
+            self.stop.request('the torchrun agent died')
 
-    def save(self, is_best: bool):
-        """Checkpoint the run; weights that are not finite are never written over good ones."""
-        self.flush()
-        self.count_skipped(int(self.run.world.sum([float(self.skipped)])[0]))
-        if not self.weights_finite():
-            self.roll_back(f'weights became non-finite by step {self.run.state.step}')
-        if self.run.world.is_main:
-            payload, manifest = checkpoint.capture(self.run)
-            self.run.checkpointer.save(payload, manifest, is_best)
-        self.last_save = time.monotonic()
+    def stop_agreed(self, step: int) -> bool:
+        """--max-steps (the same step on every rank), or a stop requested on any rank: a host-side vote after
+        every optimizer step, so a preemption signal to one rank stops them all within one step."""
+        if self.max_steps and step >= self.max_steps:
+            self.stop.request(f'reached --max-steps {self.max_steps}')
+            return True
+        try:
+            requester = self.run.world.first_rank_with(self.stop.requested)
+        except RuntimeError as e:  # a rank died: nothing can be agreed, so nothing is written
+            raise UserError(f'the other ranks are unreachable ({str(e).splitlines()[0][:120]}); stopping without a '
+                            f'checkpoint: resume from the last one with --resume auto') from None
+        if requester is not None and not self.stop.requested:
+            self.stop.request(f'stop requested on rank {requester}')
+        return requester is not None
+
+    def discard_pending(self):
+        self.pending = Pending()
+        self.guard.bad_in_a_row = 0
+        self.progress.window_losses = []
 
 
-class RolledBack(Exception):
-    """The run went back to an earlier checkpoint; the epoch loop restarts from the restored state."""
+def sync(run: Run, watch: Watch, at_log_point: bool = False) -> tuple[Optional[float], bool]:
+    """Read back what the steps left on the device and agree with the other ranks in one collective.
 
-
-class BudgetSpent(Exception):
-    """The monitor has seen all the optimizer steps it was given (or chose to stop early)."""
-
-
-class StepBudget(StepMonitor):
-    """The real training step for a fixed number of optimizer steps, without logging, checkpoints or stop votes.
-
-    Shared by the LR range test and the --dry-run benchmark, so that both measure exactly what training runs.
-    step_ends holds time.perf_counter() after each step, with the device drained first.
+    Adds the losses and skip counts to the epoch's, stops the run when too many images were unreadable, and
+    acts on non-finite losses (may roll back: raises RolledBack). At a log point, returns the mean finite loss
+    since the previous one and whether rank 0's clock says a periodic checkpoint is due (train.
+    checkpoint_every_minutes is looked at there only, where the ranks meet anyway).
     """
+    state = run.state
+    losses, fp16_skipped, images_skipped = watch.pending.read_back()
+    bad = watch.guard.observe(losses)
+    clock = at_log_point and run.world.is_main and run.checkpointer.due_by_clock()
+    bad_anywhere, images_skipped, clock = run.world.sum([float(bad), float(images_skipped), float(clock)])
+    finite = [v for v in losses if math.isfinite(v)]
+    state.loss_sum += sum(finite)
+    state.loss_count += len(finite)
+    state.skipped_steps_in_epoch += fp16_skipped  # the same on every rank: DDP all-reduces what the scaler checks
+    count_unreadable(run, int(images_skipped))
+    if bad_anywhere:
+        guard_non_finite(run, watch, int(bad_anywhere))
+    window = watch.progress.window_losses
+    window += finite
+    if not at_log_point:
+        return None, False
+    watch.progress.window_losses = []
+    return (sum(window) / len(window) if window else None), clock > 0
 
-    def __init__(self, run: Run, steps: int):
-        super().__init__(run, StopFlag())
-        self.steps = steps
-        self.step_ends: list[float] = []
 
-    def after_step(self):
-        if self.run.world.device.type == 'cuda':
-            torch.cuda.synchronize(self.run.world.device)
-        self.step_ends.append(time.perf_counter())
-        if len(self.step_ends) >= self.steps:
-            raise BudgetSpent()
+def count_unreadable(run: Run, images: int):
+    """Adds the ranks' replaced images to the epoch's count; too many stop the run (the data is broken)."""
+    state, cfg = run.state, run.recipe.data
+    state.skipped_in_epoch += images
+    allowed = cfg.max_bad_fraction * len(run.train_loader.dataset)
+    if state.skipped_in_epoch > allowed:
+        raise UserError(f'{state.skipped_in_epoch} unreadable training images in epoch {state.epoch + 1}, more '
+                        f'than data.max_bad_fraction {cfg.max_bad_fraction:g} of the split allows '
+                        f'({allowed:.0f}): check them with python -m mnv_train.check_data DATA_DIR')
 
 
-def train_steps(run: Run, monitor: StepBudget):
-    """engine.train_one_epoch over as many epochs as the monitor's budget needs."""
-    epoch = run.state.epoch
+def guard_non_finite(run: Run, watch: Watch, bad_in_a_row: int):
+    """Warns about a few non-finite losses; rolls back (raises RolledBack) after too many or on bad weights."""
+    if watch.guard.tolerates(bad_in_a_row, weights_finite(run)):
+        logs.warn(f'non-finite loss in the last {bad_in_a_row} step(s) up to step {run.state.step}; the steps were '
+                  f'skipped (fp16 loss scale {run.scaler.get_scale() if run.scaler.is_enabled() else "off"})')
+        return
+    roll_back(run, watch, f'loss was non-finite for {bad_in_a_row} step(s) up to step {run.state.step} '
+                          f'(lr {run.lr():.3g})')
+
+
+def weights_finite(run: Run) -> bool:
+    """Whether every rank's weights are finite (one collective)."""
+    flags = [torch.isfinite(p).all() for p in run.module.parameters()]
+    return run.world.sum([float(not torch.stack(flags).all())])[0] == 0
+
+
+def roll_back(run: Run, watch: Watch, why: str):
+    """Back to the newest checkpoint that loads, then RolledBack (fit carries on from there); after
+    MAX_ROLLBACKS, or with no checkpoint, the run stops with a UserError that says what to change."""
+    found = run.checkpointer.latest_valid()
+    watch.guard.rollbacks += 1
+    if found is None or watch.guard.rollbacks > MAX_ROLLBACKS:
+        again = 'no checkpoint to roll back to' if found is None else 'it happened again after rolling back twice'
+        raise UserError(f'{why}; {again}: lower optim.lr or set optim.clip_grad')
+    path, payload = found
+    logs.warn(f'{why}; rolling back to {path}')
+    resume.restore(run, payload)
+    run.metrics.restart_at(run.state.step)
+    run.optimizer.zero_grad(set_to_none=True)
+    watch.discard_pending()
+    watch.progress.end_epoch()
+    raise RolledBack()  # caught by fit
+
+
+def save_checkpoint(run: Run, watch: Watch, is_best: bool = False):
+    """Checkpoint the run as it stands; weights that are not finite are never written over good ones."""
+    sync(run, watch)  # the epoch's losses and skip counts belong in the saved state
+    if not weights_finite(run):
+        roll_back(run, watch, f'weights became non-finite by step {run.state.step}')  # raises RolledBack
+    payload, manifest = resume.capture(run) if run.world.is_main else (None, None)
+    run.checkpointer.save(payload, manifest, is_best)
+
+
+def epoch_row(run: Run) -> dict:
+    """The epoch's line of metrics.csv before evaluation; starts the next epoch's loss sums."""
+    state = run.state
+    row = {'epoch': state.epoch, 'step': state.step, 'lr': run.lr(),
+           'train_loss': state.loss_sum / state.loss_count if state.loss_count else float('nan'),
+           'skipped_images': state.skipped_in_epoch}
+    if run.scaler.is_enabled():
+        row['fp16_skipped_steps'] = state.skipped_steps_in_epoch
+    state.loss_sum, state.loss_count = 0.0, 0
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- for tools
+
+def train_steps(run: Run, steps: int, after_step: Optional[Callable[[Pending], None]] = None) -> list[float]:
+    """`steps` optimizer steps of the real training step, across epoch ends, without logging, checkpoints or stop
+    votes; returns time.perf_counter() after each, the device drained first. after_step(pending) runs after
+    each step and may raise BudgetSpent to stop early. The LR range test and the benchmarks use it."""
+    pending, ends, epoch = Pending(), [], run.state.epoch
     try:
         while True:
-            train_one_epoch(run, epoch, monitor)
+            for _ in optimizer_steps(run, epoch, pending):
+                if run.world.device.type == 'cuda':
+                    torch.cuda.synchronize(run.world.device)
+                ends.append(time.perf_counter())
+                if after_step is not None:
+                    after_step(pending)
+                if len(ends) >= steps:
+                    raise BudgetSpent()
             epoch, run.state.samples_in_epoch = epoch + 1, 0
-    except BudgetSpent:
-        pass
+    except BudgetSpent:  # raised just above, or by after_step
+        return ends

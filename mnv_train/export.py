@@ -19,11 +19,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save as safetensors_bytes
+from timm.layers import set_layer_config
 
-from . import checkpoint
+from . import checkpoint, data
+from . import model as models
 from . import recipe as recipes
-from .cli import guarded
+from .distributed import World
+from .entry import add_recipe_arguments, guarded, recipe_overrides
 from .errors import UserError
+from .evaluation import Weights, load_weights
+from .pipeline import eval_sets
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,24 +46,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--check-images', type=int, default=8, help='validation images the exports are checked on')
     p.add_argument('--tolerance', type=float, default=1e-4, help='largest acceptable |export - PyTorch| in the '
                    'logits, relative to the largest |logit| (or to 1 if that is smaller)')
-    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                   help='recipe override for the check images, e.g. --set data.data_dir=/data')
-    p.add_argument('--data-dir')
+    add_recipe_arguments(p)  # the recipe's data gives the check images, e.g. --data-dir /data
     return p
-
-
-def choose_weights(payload: dict, path: Path, choice: str) -> tuple[str, dict]:
-    use_ema = choice == 'ema' or (choice == 'auto' and payload.get('ema') is not None)
-    if use_ema and payload.get('ema') is None:
-        raise UserError(f'checkpoint {path} has no EMA weights (the run had ema.enabled false); use --weights raw')
-    return ('ema', payload['ema']) if use_ema else ('raw', payload['model'])
 
 
 def build_model(recipe: recipes.Recipe, state_dict: dict, num_classes: int, path: Path) -> torch.nn.Module:
     """The model in eval mode, from layers timm marks as scriptable and exportable."""
-    from timm.layers import set_layer_config
-
-    from . import model as models
     with set_layer_config(scriptable=True, exportable=True):
         module = models.create(recipe.model, num_classes)
     return models.load_weights(module, state_dict, str(path)).eval()
@@ -65,10 +59,6 @@ def build_model(recipe: recipes.Recipe, state_dict: dict, num_classes: int, path
 
 def check_images(recipe: recipes.Recipe, source, norm, count: int) -> torch.Tensor:
     """The first `count` validation images as the recipe's eval pipeline prepares them (resize, crop, normalise)."""
-    from . import data
-    from .build import eval_sets
-    from .distributed import World
-
     eval_set = eval_sets(recipe, source, norm, World(), max(count, 1))[0]
     batch = next(iter(eval_set.loader))
     return data.DeviceNormalize(norm, torch.device('cpu'), channels_last=False)(batch)[0]
@@ -120,28 +110,35 @@ def checked_exports(module: torch.nn.Module, images: torch.Tensor, exporters: li
     return files, checks
 
 
+def release_info(weights: Weights, sha256: str, stem: str, num_classes: int, norm: data.Normalization,
+                 checks: dict) -> dict:
+    """The release's JSON: where the weights come from, their metrics, and the input they expect."""
+    recipe, manifest = weights.recipe, weights.manifest
+    metrics = manifest.get('metrics') or {}
+    return {'weights_file': f'{stem}.safetensors', 'sha256': sha256, 'weights': weights.kind,
+            'model': recipe.model.name, 'num_classes': num_classes, 'recipe_file': f'{stem}.yaml',
+            'from_checkpoint': str(weights.path), 'step': manifest.get('step'),
+            # a mid-epoch checkpoint carries the metrics of the last epoch end, which are not its own
+            'metrics': metrics if metrics.get('step') == manifest.get('step') else None,
+            'input': {'img_size': recipe.data.eval_img_size or recipe.data.img_size, 'crop_pct': recipe.data.crop_pct,
+                      'interpolation': recipe.data.interpolation,
+                      'mean': list(norm.mean), 'std': list(norm.std), 'layout': 'NCHW float32 RGB'},
+            'checks': checks}
+
+
 @guarded
 def main(argv: Optional[list[str]] = None) -> int:
-    from safetensors.torch import save as safetensors_bytes
-
-    from . import data
-
     args = parser().parse_args(argv)
-    path = Path(args.checkpoint)
+    path, out = Path(args.checkpoint), Path(args.output)
     if not checkpoint.manifest_path(path).is_file():
         raise UserError(f'{path}: export needs an mnv-train checkpoint with its .json manifest (the recipe and '
                         f'metrics come from it)')
-    payload, manifest = checkpoint.load(path), checkpoint.read_manifest(path)
-    weights, state_dict = choose_weights(payload, path, args.weights)
-    overrides = list(args.overrides) + ([f'data.data_dir={args.data_dir}'] if args.data_dir else [])
-    recipe = recipes.from_dict(recipes.apply_overrides(payload['recipe'], overrides))
-
-    state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    weights = load_weights(path, args.weights, overrides=recipe_overrides(args))
+    recipe, state_dict = weights.recipe, {k: v.contiguous() for k, v in weights.state_dict.items()}
     # one metadata key only: safetensors writes several in a per-process random order, which would change the hash
     release = safetensors_bytes(state_dict, metadata={'format': 'pt'})
     sha256 = hashlib.sha256(release).hexdigest()
-    stem = f'{recipe.name}-{weights}-{sha256[:8]}'
-    out = Path(args.output)
+    stem = f'{recipe.name}-{weights.kind}-{sha256[:8]}'
     files = {f'{stem}.safetensors': release, f'{stem}.yaml': recipe.to_yaml().encode()}
     suffixes = ['.json'] + ['.onnx'] * args.onnx + ['.torchscript.pt'] * args.torchscript
     existing = [out / name for name in list(files) + [stem + suffix for suffix in suffixes] if (out / name).exists()]
@@ -159,16 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         exported, checks = checked_exports(module, check_images(recipe, source, norm, args.check_images), exporters,
                                            args.tolerance)
         files.update(exported)
-    metrics = manifest.get('metrics') or {}
-    info = {'weights_file': f'{stem}.safetensors', 'sha256': sha256, 'weights': weights, 'model': recipe.model.name,
-            'num_classes': num_classes, 'recipe_file': f'{stem}.yaml', 'from_checkpoint': str(path),
-            'step': manifest.get('step'),
-            # a mid-epoch checkpoint carries the metrics of the last epoch end, which are not its own
-            'metrics': metrics if metrics.get('step') == manifest.get('step') else None,
-            'input': {'img_size': recipe.data.eval_img_size or recipe.data.img_size, 'crop_pct': recipe.data.crop_pct,
-                      'interpolation': recipe.data.interpolation,
-                      'mean': list(norm.mean), 'std': list(norm.std), 'layout': 'NCHW float32 RGB'},
-            'checks': checks}
+    info = release_info(weights, sha256, stem, num_classes, norm, checks)
     files[f'{stem}.json'] = json.dumps(info, indent=1).encode()
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():

@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
 _quiet = False
 _main = True
 
@@ -40,25 +43,34 @@ def progress(total: int, initial: int, description: str):
     """A tqdm bar on rank 0 in interactive use; None when quiet, on other ranks, or without a terminal."""
     if not _main or _quiet or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
 
 
 class MetricsLog:
-    """metrics.csv rewritten from the run's history (so a resumed run never shows stale rows) + TensorBoard."""
+    """metrics.csv rewritten from the run's history (so a resumed run never shows stale rows) + TensorBoard.
 
-    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+    The event file is opened at the first scalar, so a tool that builds a run and logs nothing leaves no
+    tensorboard/ folder. A run that goes back to an earlier step (resume, roll-back) calls restart_at: the next
+    event file then tells TensorBoard to drop the events the earlier files hold from that step on.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool):
         self.run_dir, self.enabled = Path(run_dir), enabled
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / 'tensorboard'), purge_step=purge_step)
+        self.writer: Optional[SummaryWriter] = None
+        self.purge_step: Optional[int] = None
+
+    def restart_at(self, step: int):
+        self.close()
+        self.purge_step = step
 
     def scalars(self, step: int, values: dict):
-        if self.writer is not None:
-            for key, value in values.items():
-                if value is not None:
-                    self.writer.add_scalar(key, value, step)
+        if not self.enabled:
+            return
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.run_dir / 'tensorboard'), purge_step=self.purge_step)
+        for key, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(key, value, step)
 
     def write_history(self, history: list[dict]):
         if not self.enabled or not history:
@@ -77,3 +89,4 @@ class MetricsLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

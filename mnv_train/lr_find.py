@@ -19,19 +19,20 @@ import torch
 from . import distributed, logs
 from . import recipe as recipes
 from .build import Run, build_run
-from .cli import guarded
-from .engine import BudgetSpent, StepBudget, train_steps
+from .engine import BudgetSpent, Pending, train_steps
+from .entry import add_recipe_arguments, guarded, recipe_overrides
 from .errors import UserError
+from .plots import pyplot
 
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its lowest value
 MIN_STEPS = 10
 
 
-class RangeTest(StepBudget):
+class RangeTest:
     """Sets each step's LR on an exponential ramp and records the mean loss of the step's micro-batches."""
 
     def __init__(self, run: Run, steps: int, min_lr: float, max_lr: float):
-        super().__init__(run, steps)
+        self.run, self.steps = run, steps
         self.ramp = [min_lr * (max_lr / min_lr) ** (i / (steps - 1)) for i in range(steps)]
         self.lrs: list[float] = []
         self.losses_seen: list[float] = []
@@ -42,11 +43,12 @@ class RangeTest(StepBudget):
         for group in self.run.optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
 
-    def after_step(self):
-        """Record the step's loss, averaged over ranks so that every rank takes the same decisions."""
+    def after_step(self, pending: Pending):
+        """Record the step's loss, averaged over ranks so that every rank takes the same decisions; stops the test
+        (BudgetSpent, caught by engine.train_steps) when the loss is no longer finite or has diverged."""
         world = self.run.world
-        loss = world.sum([torch.stack(self.losses).float().mean().item()])[0] / world.size
-        self.losses = []
+        losses, _, _ = pending.read_back()
+        loss = world.sum([torch.tensor(losses).mean().item()])[0] / world.size  # float32 mean, as the losses
         lr = self.ramp[len(self.lrs)]
         if not math.isfinite(loss):
             self.stop_reason = f'loss became non-finite at lr {lr:.3g}'
@@ -57,8 +59,8 @@ class RangeTest(StepBudget):
         if len(smoothed) >= MIN_STEPS and smoothed[-1] > DIVERGED * min(smoothed):
             self.stop_reason = f'loss diverged at lr {lr:.3g}'
             raise BudgetSpent()
-        super().after_step()
-        self.set_lr(self.ramp[len(self.lrs)])
+        if len(self.lrs) < self.steps:
+            self.set_lr(self.ramp[len(self.lrs)])
 
 
 def smooth(losses: list[float]) -> list[float]:
@@ -93,7 +95,6 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> dict:
 def plot(path: Path, lrs: list[float], losses: list[float], smoothed: list[float], suggestion: dict,
          recipe_lr: float) -> bool:
     """loss against LR on a log axis, with the suggestion and the run's scheduled peak LR marked."""
-    from .report import pyplot
     plt = pyplot()
     if plt is None:
         return False
@@ -115,7 +116,7 @@ def find_lr(run: Run, steps: int, min_lr: float, max_lr: float) -> dict:
     """Run the range test on a freshly built run (its weights are spent afterwards) and return the result."""
     run.scheduler, run.ema = None, None  # the ramp sets every LR; the EMA is not looked at
     test = RangeTest(run, steps, min_lr, max_lr)
-    train_steps(run, test)
+    train_steps(run, steps, test.after_step)
     if len(test.losses_seen) < MIN_STEPS:
         raise UserError(f'the LR range test stopped after {len(test.losses_seen)} step(s) '
                         f'({test.stop_reason or "too few steps"}): lower --min-lr or raise --steps')
@@ -128,9 +129,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m mnv_train.lr_find', description='LR range test: train with an '
                                 'exponentially growing LR and suggest a peak LR for the recipe\'s global batch')
     p.add_argument('--recipe', required=True, help='recipe name or path to a YAML file')
-    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                   help='override a recipe value (repeatable)')
-    p.add_argument('--data-dir', help='dataset location (same as --set data.data_dir=...)')
+    add_recipe_arguments(p)
     p.add_argument('--steps', type=int, default=100, help='optimizer steps (default 100)')
     p.add_argument('--min-lr', type=float, default=1e-7)
     p.add_argument('--max-lr', type=float, default=1.0)
@@ -146,8 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f'--steps {args.steps}: the range test needs at least {MIN_STEPS}')
     if not 0 < args.min_lr < args.max_lr:
         raise UserError(f'--min-lr {args.min_lr:g} and --max-lr {args.max_lr:g}: need 0 < min-lr < max-lr')
-    overrides = args.overrides + ([f'data.data_dir={args.data_dir}'] if args.data_dir else [])
-    recipe = recipes.load(args.recipe, overrides)
+    recipe = recipes.load(args.recipe, recipe_overrides(args))
     world = distributed.init(args.device)
     logs.configure(world.is_main, False)
     output = Path(args.output) if args.output else Path('runs') / f'{recipe.name}-lr-find'

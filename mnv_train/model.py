@@ -1,6 +1,8 @@
 """Model construction from timm, and the BatchNorm settings recipes carry over from TF configs."""
 from __future__ import annotations
 
+import contextlib
+
 import timm
 import torch
 from timm.layers import convert_sync_batchnorm
@@ -13,7 +15,8 @@ from .recipe import ModelConfig
 def create(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if not timm.is_model(cfg.name):
         close = timm.list_models(f'*{cfg.name.split("_")[0]}*')[:5]
-        raise UserError(f'model.name {cfg.name!r} is not a timm model' + (f' (e.g. {", ".join(close)})' if close else ''))
+        examples = f' (e.g. {", ".join(close)})' if close else ''
+        raise UserError(f'model.name {cfg.name!r} is not a timm model{examples}')
     try:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate,
                                   drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
@@ -51,6 +54,13 @@ def set_batchnorm(model: nn.Module, momentum, eps):
                 module.momentum = momentum
             if eps is not None:
                 module.eps = eps
+
+
+def autocast(amp: str, device: torch.device):
+    """train.amp as a context: bf16 or fp16 autocast on the run's device, or nothing."""
+    if amp == 'none':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
 def prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

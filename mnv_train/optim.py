@@ -11,10 +11,9 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 
-from .errors import UserError
 from .data import mixes_batches
+from .errors import UserError
 from .recipe import LossConfig, OptimConfig, Recipe, ScheduleConfig
-
 
 # ---------------------------------------------------------------------------------------------- batch plan
 

@@ -13,7 +13,8 @@ from typing import Iterable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from . import data, finetune, logs
+from . import data, finetune, logs, pipeline
+from .model import autocast
 
 
 def recalibrate(model: Union[nn.Module, Sequence[nn.Module]], batches: Iterable[torch.Tensor],
@@ -62,13 +63,23 @@ def loader_batches(loader, sampler: data.EpochSampler, device_input, epoch: int)
 
 def recipe_batches(recipe, norm: data.Normalization, world, batch_size: int) -> Iterator[torch.Tensor]:
     """loader_batches for tools that have a recipe but no run (validate.py, average)."""
-    from .build import train_pipeline
     source = data.open_source(recipe.data, recipe.data.train_split, recipe.train.seed)
     sampler = data.EpochSampler(len(source), world.rank, world.size, recipe.train.seed)
-    dataset, collate, device_input = train_pipeline(recipe, source, norm, world)
-    loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
-                              pin_memory=world.device.type == 'cuda', collate_fn=collate)
+    loader, device_input = pipeline.training_input(recipe, source, sampler, norm, world, batch_size)
     return loader_batches(loader, sampler, device_input, epoch=0)
+
+
+def recalibrate_over_ranks(models: list[nn.Module], batches: Iterable[torch.Tensor], wanted: int, world, amp: str,
+                           what: str) -> int:
+    """recalibrate under the run's autocast, then the same statistics on every rank; warns when the split had
+    fewer than `wanted` batches for this process (`what` names the setting that asked for them)."""
+    with autocast(amp, world.device):
+        used = recalibrate(models, batches, wanted)
+    if used < wanted:
+        logs.warn(f'{what}: the training split has only {used} batches for this process')
+    for model in models:
+        world.average_batchnorm(model)
+    return used
 
 
 def recalibrate_run(run):
@@ -76,10 +87,5 @@ def recalibrate_run(run):
     wanted = run.recipe.train.precise_bn_batches
     models = [run.module] + ([run.ema.module] if run.ema is not None else [])
     batches = loader_batches(run.train_loader, run.train_sampler, run.train_input, run.state.epoch)
-    with run.autocast():
-        used = recalibrate(models, batches, wanted)
-    if used < wanted:
-        logs.warn(f'precise BN used {used} batches, not train.precise_bn_batches={wanted}: the training split '
-                  f'has no more for this process')
-    for model in models:
-        run.world.average_batchnorm(model)
+    recalibrate_over_ranks(models, batches, wanted, run.world, run.recipe.train.amp,
+                           f'precise BN (train.precise_bn_batches={wanted})')

@@ -17,7 +17,7 @@ from typing import Optional
 
 from PIL import Image
 
-from .cli import guarded
+from .entry import guarded
 from .errors import UserError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif'}

@@ -19,7 +19,7 @@ import yaml
 
 from .errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / 'recipes'
+RECIPES_DIR = Path(__file__).resolve().parent / 'recipes'  # package data; the checkout's ./recipes links here
 
 
 class _Loader(yaml.SafeLoader):
@@ -179,6 +179,7 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(0, ge=0)  # 0: only at epoch ends
     checkpoint_every_minutes: float = _f(0.0, ge=0)
     max_bad_steps: int = _f(20, ge=1)  # consecutive non-finite losses before rolling back
+    lock_stale_minutes: float = _f(10.0, gt=0)  # a run folder's lock whose heartbeat is older is taken over
     precise_bn_batches: int = _f(0, ge=0)  # recompute BN statistics over this many train batches before eval
 
 

@@ -14,34 +14,14 @@ from typing import Optional
 
 from . import checkpoint, logs
 from . import recipe as recipes
-from .cli import guarded
-from .diagnostics import ema_stand_in, ema_warm_step, top1_columns
+from .diagnostics import ema_warm_step, top1_columns
+from .entry import guarded
 from .errors import UserError
 from .optim import plan_batch, total_epochs
+from .plots import pyplot, save_figure
 
 OVERFIT_RISE = 0.05  # eval loss this far (relative) above its best while train loss still falls: overfitting
 WARMING = 'warming up'
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend; None, with a warning, where matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        logs.warn('matplotlib is not installed, so no plots were drawn (pip install matplotlib)')
-        return None
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -88,7 +68,8 @@ def ema_flags(rows: list[dict], recipe: recipes.Recipe, batch: int) -> list[bool
     """Per epoch: were the EMA numbers taken while the EMA still held mostly its starting weights?"""
     if not recipe.ema.enabled:
         return [False] * len(rows)
-    warm = ema_warm_step(ema_stand_in(plan_batch(recipe, 1, batch, batch), recipe))
+    plan = plan_batch(recipe, 1, batch, batch)  # the decay and start step at the run's global batch
+    warm = ema_warm_step(plan.ema_decay, plan.ema_start_step, recipe.ema.warmup)
     return [row.get('ema_top1') is not None and row['step'] < warm for row in rows]
 
 

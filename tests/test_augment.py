@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnv_train.errors import UserError
 from mnv_train.augment import tf_rand_augment
+from mnv_train.errors import UserError
 
 GOOGLE_OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
               'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd']

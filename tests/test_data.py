@@ -128,8 +128,8 @@ def image_folder(root, splits, classes=3, per_class=8, size=32):
 
 
 def test_train_split_names_the_training_folder_everywhere(tmp_path, write_recipe):
-    from mnv_train.cli import train_main
     from mnv_train import checkpoint
+    from mnv_train.cli import train_main
     root = image_folder(tmp_path / 'data', ['trainset', 'holdout'])
     recipe = write_recipe({'data': {'dataset': 'folder', 'data_dir': str(root), 'train_split': 'trainset',
                                     'val_split': 'holdout'},

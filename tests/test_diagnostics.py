@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from mnv_train import diagnostics, distributed
+from mnv_train import diagnostics, distributed, dryrun
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import train_main
@@ -60,7 +60,7 @@ def test_dry_run_reports_the_schedule_ema_and_speed_and_plots_the_lr(write_recip
 
 def test_dry_run_times_a_probe_batch_and_scales_it_when_a_micro_batch_is_slow(write_recipe, tmp_path, capsys,
                                                                              monkeypatch):
-    monkeypatch.setattr(diagnostics, 'PROBE_SECONDS', 0.0)  # as if one sample took longer than the budget
+    monkeypatch.setattr(dryrun, 'PROBE_SECONDS', 0.0)  # as if one sample took longer than the budget
     assert train_main(['--recipe', str(write_recipe()), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
     text = capsys.readouterr().out
     assert '(3 micro-batches of 2 timed and scaled to the per-device 16)' in text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnv_train import checkpoint, distributed
+from mnv_train import checkpoint, distributed, resume
 from mnv_train.cli import train_main, validate_main
 from mnv_train.errors import UserError
 
@@ -187,7 +187,7 @@ def test_device_cuda_n_picks_that_gpu(monkeypatch):
 
 
 def test_a_checkpoint_with_more_cuda_generator_states_than_gpus_loads(monkeypatch):
-    state = checkpoint.rng_state()
+    state = resume.rng_state()
     assert 'cuda' not in state  # reseeded every micro-step, so never saved
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda _states: pytest.fail('restored CUDA states'))
-    checkpoint.set_rng_state({**state, 'cuda': [torch.zeros(16, dtype=torch.uint8)] * 8})  # from an 8-GPU node
+    resume.set_rng_state({**state, 'cuda': [torch.zeros(16, dtype=torch.uint8)] * 8})  # from an 8-GPU node

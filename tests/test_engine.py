@@ -1,10 +1,10 @@
-"""The loop's bookkeeping: fp16 skipped steps, resuming across changed modes."""
+"""The loop's bookkeeping (fp16 skipped steps), and resuming across changed modes."""
 import torch
 
-from mnv_train import checkpoint, distributed
+from mnv_train import distributed, resume
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
-from mnv_train.engine import StepMonitor, StopFlag, optimizer_step
+from mnv_train.engine import StopFlag, Watch, optimizer_step, sync
 
 
 def fp16_like(run):
@@ -21,14 +21,14 @@ def set_gradients(run, value):
 
 def test_fp16_steps_the_loss_scaler_skips_are_counted_and_the_schedule_still_advances(write_recipe, tmp_path):
     run = fp16_like(build_run(recipes.load(str(write_recipe())), distributed.init('cpu'), tmp_path))
-    monitor = StepMonitor(run, StopFlag())
+    watch = Watch(run, StopFlag())
     before = {k: v.clone() for k, v in run.module.state_dict().items()}
     set_gradients(run, float('inf'))
-    monitor.record_update(optimizer_step(run))
+    watch.pending.record_update(optimizer_step(run))
     assert all(torch.equal(v, before[k]) for k, v in run.module.state_dict().items() if 'running' not in k)
     set_gradients(run, 1e-3)
-    monitor.record_update(optimizer_step(run))
-    monitor.flush()
+    watch.pending.record_update(optimizer_step(run))
+    sync(run, watch)
     assert run.state.skipped_steps_in_epoch == 1 and run.state.step == 2
     assert run.scaler.get_scale() == 512.0  # halved once, for the skipped step
     assert run.lr() == run.scheduler._get_lr(2)[0]
@@ -37,10 +37,10 @@ def test_fp16_steps_the_loss_scaler_skips_are_counted_and_the_schedule_still_adv
 def test_resuming_an_fp16_run_from_a_checkpoint_without_a_loss_scale_starts_it_fresh(write_recipe, tmp_path):
     recipe = recipes.load(str(write_recipe()))
     plain = build_run(recipe, distributed.init('cpu'), tmp_path / 'a')
-    payload, _ = checkpoint.capture(plain)
+    payload, _ = resume.capture(plain)
     assert payload['scaler'] == {}  # a bf16 or fp32 run has no loss scale
     resumed = fp16_like(build_run(recipe, distributed.init('cpu'), tmp_path / 'b'))
-    notes = checkpoint.restore(resumed, payload)
+    notes = resume.restore(resumed, payload)
     assert any('loss scale starts' in note for note in notes) and resumed.scaler.get_scale() == 1024.0
 
 
@@ -48,10 +48,10 @@ def test_resuming_with_channels_last_toggled_puts_the_optimizer_moments_in_the_n
     trained = build_run(recipes.load(str(write_recipe())), distributed.init('cpu'), tmp_path / 'a')
     set_gradients(trained, 1e-3)
     optimizer_step(trained)
-    payload, _ = checkpoint.capture(trained)
+    payload, _ = resume.capture(trained)
     resumed = build_run(recipes.load(str(write_recipe({'train': {'channels_last': False}}))),
                         distributed.init('cpu'), tmp_path / 'b')
-    checkpoint.restore(resumed, payload)
+    resume.restore(resumed, payload)
     for group in resumed.optimizer.param_groups:
         for p in group['params']:
             for value in resumed.optimizer.state[p].values():

@@ -13,6 +13,7 @@ from mnv_train.cli import train_main, validate_main
 
 from conftest import ONE_EPOCH, REPO, merge, train_tiny
 
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp('export'), ONE_EPOCH)[1] / 'checkpoints' / 'last.pt'

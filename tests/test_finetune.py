@@ -4,16 +4,18 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mnv_train import checkpoint, finetune, model as models
+from mnv_train import checkpoint, finetune
+from mnv_train import model as models
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import train_main
 from mnv_train.distributed import World
-from mnv_train.engine import StepMonitor, StopFlag, train_one_epoch
+from mnv_train.engine import StopFlag, Watch, train_one_epoch
 from mnv_train.errors import UserError
 from mnv_train.recipe import ModelConfig
 
 from conftest import ONE_EPOCH, run_cli, train_tiny
+
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
@@ -115,7 +117,7 @@ def test_frozen_layers_and_their_batchnorm_statistics_do_not_change(write_recipe
     optimized = {id(p) for group in run.optimizer.param_groups for p in group['params']}
     assert id(run.module.conv_stem.weight) not in optimized and id(run.module.classifier.weight) in optimized
     before = {k: v.clone() for k, v in run.module.state_dict().items()}
-    train_one_epoch(run, 0, StepMonitor(run, StopFlag()))
+    train_one_epoch(run, 0, Watch(run, StopFlag()))
     after = run.module.state_dict()
     frozen = [k for k in before if k.startswith(('conv_stem.', 'bn1.', 'blocks.0.')) and 'num_batches' not in k]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
@@ -155,5 +157,5 @@ def test_the_shipped_finetune_recipe_starts_from_a_quickstart_checkpoint(tmp_pat
     err = capsys.readouterr().err
     assert f'warning: initialised from the EMA weights of {best}\n' in err
     assert 'classifier reset' not in err and 'input size differs' not in err
-    train_one_epoch(run, 0, StepMonitor(run, StopFlag()))
+    train_one_epoch(run, 0, Watch(run, StopFlag()))
     assert run.state.step == 2 and all(torch.isfinite(p).all() for p in run.module.parameters())

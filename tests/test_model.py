@@ -1,7 +1,8 @@
 """Model construction: SyncBatchNorm conversion that keeps timm's fused activations, and its order with freezing."""
 import torch
 
-from mnv_train import finetune, model as models
+from mnv_train import finetune
+from mnv_train import model as models
 from mnv_train import recipe as recipes
 from mnv_train.build import build_model, create_ema
 from mnv_train.optim import plan_batch

@@ -7,7 +7,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from mnv_train import checkpoint, data, finetune, model as models, precise_bn
+from mnv_train import checkpoint, data, finetune, precise_bn, resume
+from mnv_train import model as models
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import train_main, validate_main
@@ -98,7 +99,7 @@ def test_run_statistics_are_recalibrated_for_raw_and_ema_weights_deterministical
     recipe_path, run_dir = trained
     payload = checkpoint.load(run_dir / 'checkpoints' / 'last.pt')
     run = build_run(recipes.load(str(recipe_path)), World(), tmp_path)
-    checkpoint.restore(run, payload)
+    resume.restore(run, payload)
     run.state.epoch = payload['state']['epoch'] - 1  # where end_epoch recalibrated before saving
     for module in (run.module, run.ema.module):
         for value in bn_buffers(module.state_dict()).values():

@@ -8,7 +8,7 @@ import torch
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.distributed import World
-from mnv_train.engine import StepMonitor, StopFlag, train_one_epoch
+from mnv_train.engine import StopFlag, Watch, train_one_epoch
 
 REFERENCE = Path(__file__).resolve().parent.parent / 'docs' / 'recipes-reference.md'
 ALL = sorted(p.stem for p in recipes.RECIPES_DIR.glob('*.yaml'))
@@ -144,7 +144,7 @@ def test_every_recipe_builds_and_trains_one_step_on_cpu(name, tmp_path):
     run = build_run(recipe, World(), tmp_path)
     assert run.steps_per_epoch == 2  # the first step runs at warmup_lr 0
     before = [p.detach().clone() for p in run.module.parameters()]
-    train_one_epoch(run, 0, StepMonitor(run, StopFlag()))
+    train_one_epoch(run, 0, Watch(run, StopFlag()))
     assert run.state.step == 2
     changed = sum(not torch.equal(a, b) for a, b in zip(before, run.module.parameters()))
     assert changed > 0.5 * len(before)

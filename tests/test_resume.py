@@ -161,7 +161,7 @@ def test_non_finite_loss_rolls_back_and_never_overwrites_a_good_checkpoint(write
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '6']) == 0
     good = {p.name: p.read_bytes() for p in (out / 'checkpoints').iterdir()}
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto',
-                       '--set', 'optim.lr=1e30', '--set', 'train.log_every=1']) == 2
+                       '--allow-recipe-change', '--set', 'optim.lr=1e30', '--set', 'train.log_every=1']) == 2
     err = capsys.readouterr().err
     assert err.count('rolling back to') == 2
     assert 'error: ' in err and 'lower optim.lr or set optim.clip_grad' in err
@@ -196,7 +196,8 @@ def test_resume_with_a_truncated_explicit_checkpoint_is_one_line(tmp_path, write
     path.write_bytes(path.read_bytes()[:1000])
     result = run_cli('train.py', '--resume', path)
     assert result.returncode == 2
-    assert result.stderr.strip() == f'error: checkpoint {path} is truncated or corrupt (checksum does not match its manifest)'
+    assert result.stderr.strip() == (f'error: checkpoint {path} is truncated or corrupt (checksum does not match '
+                                     f'its manifest)')
     assert validate_main([str(path)]) == 2
 
 

@@ -1,0 +1,148 @@
+"""Evaluation, one path for training, validate.py, checkpoint averaging and export.
+
+A tool starts from a checkpoint: its recipe (or --recipe for plain weight files), the EMA or raw weights,
+the overrides of the command line; then the model is built, optionally recalibrated (precise BN) and
+evaluated on every eval set of the recipe. Training evaluates its raw and EMA weights the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import checkpoint, data, precise_bn
+from . import model as models
+from . import recipe as recipes
+from .distributed import World
+from .errors import UserError
+from .pipeline import EvalSet, eval_sets
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, normalize, world: World, amp: str) -> dict:
+    """top-1 / top-5 (%) and loss over the whole split, every sample counted once across ranks."""
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    for images, targets, _ in data.device_batches(loader, normalize):
+        with models.autocast(amp, world.device):
+            logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        correct1 += top[:, 0].sum()
+        correct5 += top.any(dim=1).sum()
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction='sum')
+        count += len(targets)
+    correct1, correct5, loss_sum, count = world.sum([float(correct1), float(correct5), float(loss_sum), count])
+    if count == 0:
+        raise UserError('the validation split is empty')
+    return {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'loss': loss_sum / count,
+            'count': int(count)}
+
+
+def due(epoch: int, epochs: int, every: int) -> bool:
+    """train.eval_every: evaluate after every `every`-th epoch, and always after the last one."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
+def evaluate_run(run) -> dict:
+    """Raw and EMA weights on every eval set: {'top1': .., 'ema_top1': .., 'top1@448': ..}."""
+    if run.recipe.train.precise_bn_batches:
+        precise_bn.recalibrate_run(run)
+    metrics = {}
+    weights = [('', run.module)] + ([('ema_', run.ema.module)] if run.ema is not None else [])
+    for eval_set in run.evals:
+        for prefix, model in weights:
+            result = evaluate(model, eval_set.loader, run.normalize, run.world, run.recipe.train.amp)
+            for key in ('top1', 'top5', 'loss'):
+                metrics[f'{prefix}{key}{eval_set.name}'] = result[key]
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+@dataclass
+class Weights:
+    """What a tool evaluates or exports: a recipe and one set of weights, and where they came from."""
+    recipe: recipes.Recipe
+    kind: str  # 'ema' or 'raw'
+    state_dict: dict
+    path: Path
+    manifest: Optional[dict]  # None for plain weight files (timm .pth, safetensors)
+
+
+def load_weights(path: Path, choice: str = 'auto', recipe_name: Optional[str] = None,
+                 overrides: Optional[list[str]] = None) -> Weights:
+    """The weights of a checkpoint (EMA or raw: `choice` auto takes EMA when there is some) and their recipe:
+    the checkpoint's own, or `recipe_name` for files that carry none; `overrides` apply on top."""
+    path, overrides = Path(path), overrides or []
+    payload = checkpoint.load(path) if checkpoint.manifest_path(path).is_file() else None
+    if recipe_name:
+        recipe = recipes.load(recipe_name, overrides)
+    elif payload is not None:
+        recipe = recipes.from_dict(recipes.apply_overrides(payload['recipe'], overrides))
+    else:
+        raise UserError(f'{path} carries no recipe: pass --recipe (the model and data settings to use)')
+    if payload is None:
+        return Weights(recipe, 'ema' if choice == 'ema' else 'raw',
+                       checkpoint.load_state_dict(path, use_ema=choice == 'ema'), path, None)
+    use_ema = choice == 'ema' or (choice == 'auto' and payload.get('ema') is not None)
+    if use_ema and payload.get('ema') is None:
+        raise UserError(f'checkpoint {path} has no EMA weights (the run had ema.enabled false); use --weights raw')
+    return Weights(recipe, 'ema' if use_ema else 'raw', payload['ema' if use_ema else 'model'], path,
+                   checkpoint.read_manifest(path))
+
+
+def evaluate_weights(recipe: recipes.Recipe, state_dict: dict, source_name: str, world: World, batch_size: int,
+                     precise_bn_batches: int = 0) -> tuple[list[tuple[EvalSet, dict]], dict, int]:
+    """([(eval set, metrics)] on every eval set of the recipe, the weights as evaluated (BatchNorm recalibrated
+    over precise_bn_batches training batches if asked), how many batches recalibrated them)."""
+    source = data.open_source(recipe.data, recipe.data.val_split, recipe.train.seed)
+    module = models.create(recipe.model, recipe.model.num_classes or getattr(source, 'num_classes', None))
+    models.load_weights(module, state_dict, source_name)
+    norm = data.resolve_normalization(recipe.data, module)
+    module = models.prepare(module, world.device, recipe.train.channels_last)
+    recalibrated = 0
+    if precise_bn_batches:
+        batches = precise_bn.recipe_batches(recipe, norm, world, batch_size)
+        recalibrated = precise_bn.recalibrate_over_ranks([module], batches, precise_bn_batches, world,
+                                                         recipe.train.amp, f'--precise-bn {precise_bn_batches}')
+    normalize = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
+    results = [(eval_set, evaluate(module, eval_set.loader, normalize, world, recipe.train.amp))
+               for eval_set in eval_sets(recipe, source, norm, world, batch_size)]
+    return results, {k: v.cpu() for k, v in module.state_dict().items()}, recalibrated
+
+
+# ---------------------------------------------------------------------------------------------- validate.py
+
+@dataclass
+class EvalSetting:
+    img_size: int
+    crop_pct: float
+    crop_source: str  # why this crop: the user's flag, the published eval setting, or the recipe
+    expected_top1: Optional[float]  # the published figure for exactly this size and crop, if there is one
+
+
+def eval_setting(recipe: recipes.Recipe, img_size: Optional[int], crop_pct: Optional[float]) -> EvalSetting:
+    """The size and crop to evaluate at, and the published top-1 to compare with.
+
+    At the provenance's eval size (e.g. 448 for a 384-trained model) the published figure was measured with the
+    provenance's crop (1.0), not the recipe's train-time crop, so that crop is the default there. A published
+    figure is compared only when both size and crop are the ones it was measured at.
+    """
+    data_cfg, provenance = recipe.data, recipe.provenance
+    size = img_size or data_cfg.eval_img_size or data_cfg.img_size
+    published_crop = provenance.eval_crop_pct or data_cfg.crop_pct
+    at_published_size = provenance.eval_img_size is not None and size == provenance.eval_img_size
+    if crop_pct:
+        crop, source = crop_pct, '--crop-pct'
+    elif at_published_size and provenance.eval_crop_pct is not None:
+        crop, source = published_crop, f'provenance.eval_crop_pct, the published setting at {size} px'
+    else:
+        crop, source = data_cfg.crop_pct, 'the recipe\'s data.crop_pct'
+    expected = None
+    if at_published_size and crop == published_crop:
+        expected = provenance.expected_top1_eval
+    elif size == (data_cfg.eval_img_size or data_cfg.img_size) and crop == data_cfg.crop_pct:
+        expected = provenance.expected_top1
+    return EvalSetting(size, crop, source, expected)

@@ -1,0 +1,50 @@
+"""The input pipelines a run or a tool builds from a recipe: training (JPEG decode on the host or on the device)
+and the evaluation loaders at every eval size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import data, device_decode
+from .distributed import World
+from .recipe import Recipe
+
+
+@dataclass
+class EvalSet:
+    name: str  # '' for the recipe's eval size, '@448' for the extra ones
+    img_size: int
+    crop_pct: float
+    loader: torch.utils.data.DataLoader
+
+
+def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, batch_size: int) -> list[EvalSet]:
+    """Loaders of this rank's share of the validation split at the eval size, then at each of data.extra_evals."""
+    cfg = recipe.data
+    sizes = [('', cfg.eval_img_size or cfg.img_size, cfg.crop_pct)]
+    sizes += [(f'@{int(size)}', int(size), float(crop)) for size, crop in cfg.extra_evals]
+    sets = []
+    for name, size, crop in sizes:
+        dataset = data.TransformedDataset(source, data.eval_transform(size, crop, cfg.interpolation, norm))
+        sampler = data.ShardSampler(len(source), world.rank, world.size)
+        loader = data.make_loader(dataset, sampler, batch_size, cfg.num_workers, drop_last=False,
+                                  pin_memory=world.device.type == 'cuda')
+        sets.append(EvalSet(name, size, crop, loader))
+    return sets
+
+
+def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: data.Normalization, world: World,
+                   batch_size: int):
+    """(loader, device input) for training: PIL on the host, or JPEG decode on the device (data.decode)."""
+    channels_last = recipe.train.channels_last
+    if recipe.data.decode == 'device':
+        dataset = device_decode.EncodedDataset(source, device_decode.CropPlanner(recipe.aug), recipe.data.img_size)
+        collate = device_decode.collate
+        device_input = device_decode.DeviceDecode(norm, world.device, channels_last, recipe.data.img_size)
+    else:
+        dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm))
+        collate, device_input = data.collate, data.DeviceNormalize(norm, world.device, channels_last)
+    loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
+                              pin_memory=world.device.type == 'cuda', collate_fn=collate)
+    return loader, device_input
