@@ -16,13 +16,13 @@ from typing import Optional
 
 from . import checkpoint, distributed, logs
 from . import recipe as recipes
-from .entry import add_recipe_arguments, guarded, recipe_overrides
+from .entry import Parser, add_recipe_arguments, guarded, recipe_overrides
 from .errors import UserError
 from .evaluation import evaluate_weights
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m mnv_train.average', description='Average the top-k checkpoints '
+    p = Parser(prog='python -m mnv_train.average', description='Average the top-k checkpoints '
                                 'of a run by eval top-1, evaluate the average and save it')
     p.add_argument('run_dir', help='run folder (the one holding checkpoints/)')
     p.add_argument('--top-k', type=int, required=True, help='how many of the best checkpoints to average')

@@ -23,7 +23,7 @@ from . import distributed, logs
 from . import recipe as recipes
 from .build import Run, build_run
 from .engine import epoch_batches, forward_backward, optimizer_step, train_steps
-from .entry import add_recipe_arguments, guarded, recipe_overrides
+from .entry import Parser, add_recipe_arguments, guarded, recipe_overrides
 from .errors import UserError
 
 
@@ -92,7 +92,7 @@ def bench(run: Run, steps: int, warmup: int) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m mnv_train.bench', description=__doc__.split('\n\n')[0])
+    p = Parser(prog='python -m mnv_train.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--recipe', required=True)
     add_recipe_arguments(p)
     p.add_argument('--img-size', type=int, help='default: the recipe\'s')

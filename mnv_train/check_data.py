@@ -2,11 +2,12 @@
 
   python -m mnv_train.check_data /data/imagenet [--workers 16] [--output unreadable.txt]
 
-Training decodes each image through `data.open_image`, which turns a file PIL cannot decode into a UserError
-naming it. In a loader that stops the run at whatever epoch first samples the file, and a policy that skips and
-counts such images instead still loses them from every epoch and stops once too many fail. Either way the time to
-learn about them is before epoch 1 of a 600-epoch job, so this tool runs the very same `open_image` over every file
-and lists the ones that fail: a file that passes here decodes in training.
+Training decodes each image through `data.open_image`. A file it cannot decode is skipped with a warning and
+replaced by the next sample (data.replacing_unreadable), counted in metrics.csv, and the run stops once more than
+data.max_bad_fraction of an epoch fails: the file is lost from every epoch, and a badly damaged copy of a dataset
+ends a job hours in. The time to learn about such files is before epoch 1 of a 600-epoch job, so this tool runs
+the very same `open_image` over every file and lists the ones that fail: a file that passes here decodes in
+training.
 
 Which files are checked: exactly those timm's folder reader loads, i.e. every file under DATA_DIR, at any depth,
 whose lower-cased suffix is one of timm's image extensions (`get_img_extensions()`: .jpg, .jpeg, .png in timm 1.0).
@@ -30,8 +31,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from .cli import guarded
 from .data import open_image
+from .entry import Parser, guarded
 from .errors import UserError, one_line
 
 try:
@@ -97,7 +98,7 @@ def write_list(output: Path, unreadable: list[tuple[Path, str]]):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m mnv_train.check_data', description=__doc__.split('\n\n')[0])
+    p = Parser(prog='python -m mnv_train.check_data', description=__doc__.split('\n\n')[0])
     p.add_argument('data_dir', type=Path, metavar='DATA_DIR', help='image folder: SPLIT/CLASS/IMAGE or CLASS/IMAGE')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='decoding processes (default: all cores)')
     p.add_argument('--output', type=Path, default=Path('unreadable.txt'),

@@ -6,6 +6,7 @@ Python objects besides tensors and plain data, is refused.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ from . import logs
 from .errors import UserError
 
 FORMAT = 'mnv-train/1'
+RUN_PARTS = ('model', 'optimizer', 'scaler', 'state', 'rng', 'recipe', 'plan')  # what a run resumes from
 
 
 def _fsync_dir(directory: Path):
@@ -36,13 +38,18 @@ def _fsync_dir(directory: Path):
 
 
 def atomic_write(path: Path, data: bytes):
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half."""
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half.
+    A write that fails (a full disk) leaves neither a temp file nor a change."""
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -59,10 +66,13 @@ def manifest_path(path: Path) -> Path:
 
 def read_manifest(path: Path) -> dict:
     try:
-        return json.loads(manifest_path(path).read_text())
+        manifest = json.loads(manifest_path(path).read_text(encoding='utf-8'))
     except (OSError, ValueError) as e:
         raise UserError(f'checkpoint {path}: its manifest {manifest_path(path).name} is missing or broken ({e})') \
             from None
+    if not isinstance(manifest, dict):
+        raise UserError(f'checkpoint {path}: its manifest {manifest_path(path).name} is not a JSON object')
+    return manifest
 
 
 def _torch_load(data: bytes, path: Path) -> dict:
@@ -71,8 +81,9 @@ def _torch_load(data: bytes, path: Path) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else 'unpickling failed'
         raise UserError(f'checkpoint {path} refused: it holds Python objects, not only tensors ({first})') from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise UserError(f'checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]})') from None
+    except Exception as e:  # a damaged file can make the unpickler raise almost anything
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f'checkpoint {path} is truncated or corrupt ({first[:160]})') from None
 
 
 def write(path: Path, payload: dict, meta: dict):
@@ -82,13 +93,24 @@ def write(path: Path, payload: dict, meta: dict):
     torch.save({**payload, 'format': FORMAT}, buffer)
     data = buffer.getvalue()
     manifest = {**meta, 'format': FORMAT, 'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
-    atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
+    written = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+        written = True
+        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
+    except OSError as e:
+        if written:  # without its manifest it would only be skipped with a warning
+            path.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f'the disk is full: saving {path} failed, the earlier checkpoints beside it are intact; '
+                            f'free some space, then continue with --resume auto') from None
+        raise UserError(f'cannot save checkpoint {path}: {e.strerror or e}') from None
 
 
-def load(path: Path) -> dict:
-    """A checkpoint written by `save`, after checking its size and sha256 against the manifest."""
+def load(path: Path, needs: tuple = ()) -> dict:
+    """A checkpoint written by `write`, after checking its size and sha256 against the manifest, holding at least
+    the parts in `needs`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f'checkpoint {path} not found')
@@ -99,6 +121,9 @@ def load(path: Path) -> dict:
     payload = _torch_load(data, path)
     if not isinstance(payload, dict) or payload.get('format') != FORMAT:
         raise UserError(f'checkpoint {path} is not an mnv-train checkpoint')
+    missing = [part for part in needs if payload.get(part) is None]
+    if missing:
+        raise UserError(f'checkpoint {path} holds no {", ".join(missing)}: it was not written by a training run')
     return payload
 
 
@@ -174,10 +199,10 @@ class Checkpointer:
         return path
 
     def latest_valid(self) -> Optional[tuple[Path, dict]]:
-        """The newest checkpoint that loads; broken ones are skipped with a warning."""
+        """The newest checkpoint a run can resume from; broken ones are skipped with a warning."""
         for path in self.step_files():
             try:
-                return path, load(path)
+                return path, load(path, needs=RUN_PARTS)
             except UserError as e:
                 logs.warn(f'{e}; falling back to an older checkpoint')
         return None

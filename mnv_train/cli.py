@@ -14,7 +14,7 @@ from . import recipe as recipes
 from .build import Run, build_run
 from .dryrun import dry_run
 from .engine import Interrupted, StopFlag, fit
-from .entry import add_recipe_arguments, guarded, recipe_overrides
+from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_folder, recipe_overrides
 from .errors import UserError
 from .evaluation import EvalSetting, eval_setting, evaluate_weights, load_weights
 from .optim import plan_batch
@@ -24,7 +24,7 @@ from .runlock import RunLock
 # ---------------------------------------------------------------------------------------------- train.py
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='train.py', description='Train a model from a recipe (torchrun for several '
+    p = Parser(prog='train.py', description='Train a model from a recipe (torchrun for several '
                                 'processes: torchrun --nproc_per_node=8 train.py --recipe mnv4_hybrid_large ...)')
     p.add_argument('--recipe', help='recipe name (recipes/NAME.yaml) or path to a YAML file')
     add_recipe_arguments(p)
@@ -92,7 +92,7 @@ def load_recipe(args: argparse.Namespace) -> tuple[recipes.Recipe, Optional[dict
     payload = resume_path = None
     if args.resume and args.resume != 'auto':
         resume_path = Path(args.resume)
-        payload = checkpoint.load(resume_path)
+        payload = checkpoint.load(resume_path, needs=checkpoint.RUN_PARTS)
     if args.recipe:
         return recipes.load(args.recipe, overrides), payload, resume_path
     if payload is not None:
@@ -114,6 +114,7 @@ def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, 
     lock, refusal = (RunLock(run_dir, stale_minutes), None) if world.is_main else (None, None)
     if lock is not None:
         try:
+            make_folder(run_dir, 'the run folder')
             warning = lock.acquire(force)
             if warning:
                 logs.warn(warning)
@@ -152,30 +153,30 @@ def resume_run(run: Run, mode: Optional[str], payload: Optional[dict], resume_pa
         else:
             resume_path, payload = found
     if payload is not None:
-        check_recipe_changes(payload['recipe'], run.recipe, allow_recipe_change)
-        for note in resume.restore(run, payload):
+        check_recipe_changes(payload['recipe'], run.recipe, resume_path, allow_recipe_change)
+        for note in resume.restore(run, payload, str(resume_path)):
             logs.warn(note)
         run.metrics.restart_at(run.state.step)  # TensorBoard drops what the earlier run logged after this step
         logs.info(f'resumed from {resume_path} at epoch {run.state.epoch + 1}, step {run.state.step}')
 
 
-def check_recipe_changes(saved: dict, recipe: recipes.Recipe, allowed: bool):
+def check_recipe_changes(saved: dict, recipe: recipes.Recipe, source: Path, allowed: bool):
     """Every key that differs from the checkpoint's recipe is reported; keys that change what the run computes
     (not only how long it runs or what it logs) need --allow-recipe-change."""
     changes = resume.recipe_changes(recipes.from_dict(saved).to_dict(), recipe.to_dict())  # defaults filled in
+    refused = [f'{key} {old!r} -> {new!r}' for key, old, new, observing in changes if not observing]
+    if refused and not allowed:
+        raise UserError(f'resuming from {source} with a changed recipe ({"; ".join(refused)}): pass '
+                        f'--allow-recipe-change to continue with the new values')
     for key, old, new, _ in changes:
         logs.warn(f'the recipe changed since the checkpoint: {key} {old!r} -> {new!r}')
-    refused = [key for key, _, _, observing in changes if not observing]
-    if refused and not allowed:
-        raise UserError(f'resuming with a changed recipe: {", ".join(refused)} differ from the checkpoint\'s; pass '
-                        f'--allow-recipe-change to continue with the new values')
 
 
 def announce(run: Run):
     """recipe.yaml in the run folder, and the batch plan and the run's shape on the console."""
     if run.world.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / 'recipe.yaml').write_text(run.recipe.to_yaml())
+        (run.run_dir / 'recipe.yaml').write_text(run.recipe.to_yaml(), encoding='utf-8')
     logs.info(run.plan.report(run.recipe))
     logs.info(f'{run.recipe.name}: {run.recipe.model.name} on {run.recipe.data.dataset}, {run.epochs} epochs x '
               f'{run.steps_per_epoch} steps, {run.world.size} process(es) on {run.world.device.type}; '
@@ -214,7 +215,7 @@ def print_recipe(recipe: recipes.Recipe, global_batch: Optional[int], batch_size
 # ---------------------------------------------------------------------------------------------- validate.py
 
 def validate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='validate.py', description='Evaluate a checkpoint at any resolution and '
+    p = Parser(prog='validate.py', description='Evaluate a checkpoint at any resolution and '
                                 'crop (e.g. a 384-trained model at 448 with crop_pct 1.0)')
     p.add_argument('checkpoint', help='mnv-train checkpoint (.pt), timm .pth/.pth.tar or .safetensors file')
     p.add_argument('--weights', choices=['auto', 'ema', 'raw'], default='auto',
@@ -238,6 +239,8 @@ def validate_parser() -> argparse.ArgumentParser:
 def validate_main(argv: Optional[list[str]] = None) -> int:
     """Evaluate a checkpoint."""
     args = validate_parser().parse_args(argv)
+    if args.json:  # before the evaluation, which may take long, rather than after it
+        check_creatable(Path(args.json).parent, 'the folder of --json')
     overrides = recipe_overrides(args) + ([f'data.val_split={args.split}'] if args.split else [])
     weights = load_weights(Path(args.checkpoint), args.weights, args.recipe, overrides + ['data.extra_evals=[]'])
     setting = eval_setting(weights.recipe, args.img_size, args.crop_pct)
@@ -271,5 +274,9 @@ def report_validation(weights, setting: EvalSetting, result: dict, recalibrated:
     recalibration = f'-pbn{recalibrated}' if recalibrated else ''
     out = Path(json_path) if json_path else path.with_name(
         f'{path.stem}.eval-{weights.kind}-{setting.img_size}-{setting.crop_pct:g}{recalibration}.json')
-    out.write_text(json.dumps(result, indent=1))
-    print(f'wrote {out}')
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f'wrote {out}')
+    except OSError as e:  # beside a checkpoint in a read-only folder: the result above is all there is
+        logs.warn(f'cannot write {out} ({e.strerror}); pass --json PATH to keep the result')

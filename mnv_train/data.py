@@ -21,6 +21,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import fast_collate
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data._utils import signal_handling
 from torchvision import transforms
 
 from . import augment, logs
@@ -142,9 +143,6 @@ class TimmImages:
                 raise UserError('data.data_dir is not set: pass --data-dir with train/ and validation/ folders')
             if not Path(root).exists():
                 raise UserError(f'data directory {root} does not exist')
-        if name.split('/')[0] in ('tfds', 'wds', 'hfids'):
-            raise UserError(f'data.dataset {name!r}: iterable datasets cannot be resumed exactly; '
-                            f'use an image folder or hfds/')
         if name == 'folder' and Path(root).is_dir():
             check_split_folder(Path(root), split)
         try:
@@ -334,6 +332,10 @@ class ShardSampler(Sampler):
 
 def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool, pin_memory: bool,
                 collate_fn=collate):
+    # torch's SIGCHLD handler raises a dead worker's error in whatever the main thread is doing, possibly halfway
+    # through an optimizer step; without it, the loader reports the death from the next batch fetch (within its
+    # 5 s status check), where the run's state is whole and can be saved
+    signal_handling._SIGCHLD_handler_set = True
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -69,6 +70,10 @@ def fit(run: Run, stop: StopFlag, max_steps: int = 0, lock: Optional[RunLock] = 
             finish_epoch(run, watch)
         except RolledBack:  # run.state is an earlier checkpoint's: carry on from there
             continue
+        except RuntimeError as e:  # DataLoader's report of a worker killed by a signal (OOM killer, kill -9)
+            if 'DataLoader worker (pid' not in str(e):
+                raise
+            stop_after_dead_worker(run, watch, e)  # raises UserError
     run.metrics.close()
 
 
@@ -124,6 +129,7 @@ def optimizer_steps(run: Run, epoch: int, pending: Pending) -> Iterator[int]:
     state, accum = run.state, run.plan.accum_steps
     run.model.train()
     for batch_index, (images, targets, skipped) in epoch_batches(run, epoch):
+        pending.in_step = True  # the run's state changes from here until the step is counted
         seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, state.step, batch_index % accum,
                                     run.world.rank))
         images, targets = run.augment(images, targets, epoch)
@@ -132,6 +138,7 @@ def optimizer_steps(run: Run, epoch: int, pending: Pending) -> Iterator[int]:
         if finishing:
             pending.record_update(optimizer_step(run))
             state.add_samples(run.plan.global_batch)
+            pending.in_step = False
             yield state.step
 
 
@@ -186,6 +193,7 @@ class Pending:
     losses: list = field(default_factory=list)  # device scalars, one per micro-batch
     fp16_skips: list = field(default_factory=list)  # device flags, one per optimizer step (fp16 only)
     images_skipped: int = 0  # unreadable images this rank replaced
+    in_step: bool = False  # an optimizer step is under way: the model, optimizer and state are not in step
 
     def record_batch(self, loss: torch.Tensor, images_skipped: int):
         self.losses.append(loss)
@@ -371,7 +379,7 @@ def roll_back(run: Run, watch: Watch, why: str):
         raise UserError(f'{why}; {again}: lower optim.lr or set optim.clip_grad')
     path, payload = found
     logs.warn(f'{why}; rolling back to {path}')
-    resume.restore(run, payload)
+    resume.restore(run, payload, str(path))
     run.metrics.restart_at(run.state.step)
     run.optimizer.zero_grad(set_to_none=True)
     watch.discard_pending()
@@ -386,6 +394,20 @@ def save_checkpoint(run: Run, watch: Watch, is_best: bool = False):
         roll_back(run, watch, f'weights became non-finite by step {run.state.step}')  # raises RolledBack
     payload, manifest = resume.capture(run) if run.world.is_main else (None, None)
     run.checkpointer.save(payload, manifest, is_best)
+
+
+def stop_after_dead_worker(run: Run, watch: Watch, error: RuntimeError):
+    """Saves the last completed step where that is safe, then stops with one line that names the worker and
+    says how to resume. Another rank may be waiting in a collective, so only a single process saves."""
+    worker = re.search(r'DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (.*)', str(error))
+    who = f'pid {worker.group(1).strip()}' if worker else 'a loader worker'
+    how = worker.group(2).strip(' .') if worker and worker.group(2) else 'exited unexpectedly'
+    saved = 'the newest checkpoint in it is the one to resume from'
+    if not run.world.distributed and not watch.pending.in_step:  # between steps: nothing is half done
+        save_checkpoint(run, watch)
+        saved = f'step {run.state.step} was saved'
+    raise UserError(f'data loader worker {who} died ({how}), e.g. out of memory: {saved}; continue with '
+                    f'--resume auto --output {run.run_dir}')
 
 
 def epoch_row(run: Run) -> dict:

@@ -6,11 +6,45 @@ down on the way out. Every tool takes --set KEY=VALUE and --data-dir the same wa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from . import distributed
 from .errors import UserError, one_line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose complaints (an unknown flag, --global-batch ten) are one-line UserErrors, as everything
+    else the user gets wrong, instead of a usage block."""
+
+    def error(self, message: str):
+        raise UserError(f'{self.prog}: {message}')
+
+
+def make_folder(path: Path, what: str) -> Path:
+    """path as a folder that exists, made if needed; one that cannot be made is a UserError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create {what} {path}: {e.strerror or e}') from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f'cannot write into {what} {path}: permission denied')
+    return path
+
+
+def check_creatable(path: Path, what: str) -> Path:
+    """A UserError now, naming path, if the folder could not be made later (its nearest existing ancestor is a
+    file, or is not writable); nothing is created."""
+    path = Path(path)
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f'cannot create {what} {path}: {existing} is a file')
+    if not os.access(existing, os.W_OK):
+        raise UserError(f'cannot create {what} {path}: {existing} is not writable')
+    return path
 
 
 def guarded(main):

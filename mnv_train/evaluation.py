@@ -76,7 +76,8 @@ def load_weights(path: Path, choice: str = 'auto', recipe_name: Optional[str] = 
     """The weights of a checkpoint (EMA or raw: `choice` auto takes EMA when there is some) and their recipe:
     the checkpoint's own, or `recipe_name` for files that carry none; `overrides` apply on top."""
     path, overrides = Path(path), overrides or []
-    payload = checkpoint.load(path) if checkpoint.manifest_path(path).is_file() else None
+    needs = ('model',) if recipe_name else ('model', 'recipe')
+    payload = checkpoint.load(path, needs) if checkpoint.manifest_path(path).is_file() else None
     if recipe_name:
         recipe = recipes.load(recipe_name, overrides)
     elif payload is not None:

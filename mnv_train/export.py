@@ -26,14 +26,14 @@ from . import checkpoint, data
 from . import model as models
 from . import recipe as recipes
 from .distributed import World
-from .entry import add_recipe_arguments, guarded, recipe_overrides
+from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_folder, recipe_overrides
 from .errors import UserError
 from .evaluation import Weights, load_weights
 from .pipeline import eval_sets
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m mnv_train.export', description='Write release files for a '
+    p = Parser(prog='python -m mnv_train.export', description='Write release files for a '
                                 'checkpoint: safetensors weights + recipe + metrics, optionally ONNX and TorchScript')
     p.add_argument('checkpoint', help='mnv-train checkpoint (.pt with its .json manifest)')
     p.add_argument('--output', required=True, help='folder for the release files')
@@ -144,6 +144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     existing = [out / name for name in list(files) + [stem + suffix for suffix in suffixes] if (out / name).exists()]
     if existing and not args.force:
         raise UserError(f'{existing[0]} already exists; pass --force to overwrite the release files')
+    check_creatable(out, 'the release folder')  # before the work; made only when every check has passed
 
     source = data.open_source(recipe.data, recipe.data.val_split, recipe.train.seed)
     num_classes = recipe.model.num_classes or getattr(source, 'num_classes', None)
@@ -158,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         files.update(exported)
     info = release_info(weights, sha256, stem, num_classes, norm, checks)
     files[f'{stem}.json'] = json.dumps(info, indent=1).encode()
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, 'the release folder')
     for name, content in files.items():
         checkpoint.atomic_write(out / name, content)
     for kind, check in checks.items():

@@ -27,7 +27,7 @@ def prepare(module: nn.Module, cfg: ModelConfig, img_size: int) -> list[str]:
 def load_pretrained(module: nn.Module, cfg: ModelConfig, img_size: int) -> list[str]:
     path = Path(cfg.pretrained_path)
     if checkpoint.manifest_path(path).is_file():
-        payload = checkpoint.load(path)
+        payload = checkpoint.load(path, needs=('model', 'recipe'))
         weights = 'ema' if payload.get('ema') is not None else 'model'
         recipe = payload['recipe']
         notes = [f'initialised from the {"EMA" if weights == "ema" else "raw"} weights of {path}']

@@ -20,7 +20,7 @@ from . import distributed, logs
 from . import recipe as recipes
 from .build import Run, build_run
 from .engine import BudgetSpent, Pending, train_steps
-from .entry import add_recipe_arguments, guarded, recipe_overrides
+from .entry import Parser, add_recipe_arguments, guarded, make_folder, recipe_overrides
 from .errors import UserError
 from .plots import pyplot
 
@@ -126,7 +126,7 @@ def find_lr(run: Run, steps: int, min_lr: float, max_lr: float) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m mnv_train.lr_find', description='LR range test: train with an '
+    p = Parser(prog='python -m mnv_train.lr_find', description='LR range test: train with an '
                                 'exponentially growing LR and suggest a peak LR for the recipe\'s global batch')
     p.add_argument('--recipe', required=True, help='recipe name or path to a YAML file')
     add_recipe_arguments(p)
@@ -149,13 +149,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     world = distributed.init(args.device)
     logs.configure(world.is_main, False)
     output = Path(args.output) if args.output else Path('runs') / f'{recipe.name}-lr-find'
+    if world.is_main:
+        make_folder(output, 'the output folder')
     run = build_run(recipe, world, output)
     result = find_lr(run, args.steps, args.min_lr, args.max_lr)
     run.metrics.close()
     result = {'recipe': recipe.name, 'global_batch': run.plan.global_batch, 'recipe_peak_lr': run.plan.lr,
               **result}
     if world.is_main:
-        output.mkdir(parents=True, exist_ok=True)
         (output / 'lr_find.json').write_text(json.dumps(result, indent=1))
         plotted = plot(output / 'lr_find.png', result['lrs'], result['losses'], result['smoothed'], result,
                        run.plan.lr)

@@ -28,14 +28,28 @@ def create(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 def load_weights(model: nn.Module, state_dict: dict, source: str) -> nn.Module:
     """Strict load; weights of another architecture or class count fail in one line naming where they came from."""
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+    classes = getattr(model, 'num_classes', None)
+    trained_for = classifier_classes(model, state_dict)
+    if classes and trained_for and trained_for != classes:
+        raise UserError(f'{source} was trained for {trained_for} classes, but {name} is built here for {classes} '
+                        f'classes (the data\'s, or model.num_classes)')
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
         detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [str(e)]  # past the header
-        raise UserError(f'{source} does not fit {name} with {getattr(model, "num_classes", "?")} classes: '
-                        f'{detail[0][:200]}') from None
+        raise UserError(f'{source} does not fit {name} with {classes} classes: {detail[0][:200]}') from None
     return model
+
+
+def classifier_classes(model: nn.Module, state_dict: dict):
+    """The class count of the classifier in state_dict, by the name timm's pretrained cfg gives it; else None."""
+    names = getattr(model, 'pretrained_cfg', {}).get('classifier') or ()
+    for name in (names,) if isinstance(names, str) else names:
+        weight = state_dict.get(f'{name}.weight')
+        if weight is not None and weight.ndim >= 1:
+            return weight.shape[0]
+    return None
 
 
 def sync_batchnorm(model: nn.Module) -> nn.Module:

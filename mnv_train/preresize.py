@@ -17,7 +17,7 @@ from typing import Optional
 
 from PIL import Image
 
-from .entry import guarded
+from .entry import Parser, guarded, make_folder
 from .errors import UserError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif'}
@@ -52,7 +52,7 @@ def plan(source_root: Path, target_root: Path) -> list[tuple[Path, Path]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m mnv_train.preresize', description=__doc__.split('\n\n')[0])
+    p = Parser(prog='python -m mnv_train.preresize', description=__doc__.split('\n\n')[0])
     p.add_argument('source', type=Path)
     p.add_argument('target', type=Path)
     p.add_argument('--shorter-side', type=int, required=True, help='e.g. 1.15 x the train size: 256 for 224')
@@ -68,6 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f'{args.source} is not a folder')
     if args.target.resolve() == args.source.resolve():
         raise UserError('the target folder must differ from the source: originals are never overwritten')
+    make_folder(args.target, 'the target folder')
     jobs = plan(args.source, args.target)
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         errors = [e for e in pool.map(shrink, *zip(*jobs), [args.shorter_side] * len(jobs),

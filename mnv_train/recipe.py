@@ -19,6 +19,7 @@ import yaml
 
 from .errors import UserError
 
+DATASETS = ('synthetic', 'fashion_mnist', 'fmnist', 'folder')  # besides hfds/NAME; see data.open_source
 RECIPES_DIR = Path(__file__).resolve().parent / 'recipes'  # package data; the checkout's ./recipes links here
 
 
@@ -312,6 +313,15 @@ def _check_consistency(recipe: Recipe):
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], int)
                 or not isinstance(pair[1], (int, float)) or not 0 < pair[1] <= 1 or pair[0] < 8):
             raise UserError(f'data.extra_evals: expected [img_size, crop_pct] pairs, got {pair!r}')
+    dataset = recipe.data.dataset
+    if dataset.split('/')[0] in ('tfds', 'wds', 'hfids'):
+        raise UserError(f'data.dataset {dataset!r}: iterable datasets cannot be resumed exactly; '
+                        f'use an image folder or hfds/')
+    if dataset not in DATASETS and not dataset.startswith('hfds/'):
+        close = difflib.get_close_matches(dataset, DATASETS, n=1, cutoff=0.5)
+        hint = f'did you mean {close[0]!r}? ' if close else ''
+        raise UserError(f'data.dataset {dataset!r} is not a dataset here ({hint}one of {", ".join(DATASETS)}, or '
+                        f'hfds/NAME for a Hugging Face dataset)')
     if recipe.aug.auto_augment and recipe.aug.tf_randaugment is not None:
         raise UserError('aug.auto_augment and aug.tf_randaugment both set: choose timm\'s or Google\'s RandAugment '
                         '(set the other to null)')
@@ -356,9 +366,16 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_file(path: Path) -> dict:
+    """A recipe file's mapping; a file that is not UTF-8 YAML text holding a mapping is a UserError naming it."""
     try:
-        data = yaml_load(path.read_text())
+        data = yaml_load(path.read_text(encoding='utf-8'))  # whatever the locale: recipes are UTF-8
+    except UnicodeDecodeError as e:
+        raise UserError(f'{path}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x})') from None
+    except IsADirectoryError:
+        raise UserError(f'{path} is a folder, not a recipe file') from None
+    except OSError as e:
+        raise UserError(f'cannot read {path}: {e.strerror}') from None
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' line {mark.line + 1}' if mark is not None else ''
@@ -375,7 +392,7 @@ def load_raw(name_or_path: str, _seen: tuple = ()) -> dict:
     path = resolve_path(name_or_path)
     if path.resolve() in _seen:
         raise UserError(f'{path}: recipe base chain loops back on itself')
-    data = _read_yaml(path)
+    data = read_yaml_file(path)
     data.setdefault('name', path.stem)
     base = data.pop('base', None)
     if base is None:

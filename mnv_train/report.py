@@ -5,7 +5,6 @@ still going), so a run can be judged from its folder alone.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -15,7 +14,7 @@ from typing import Optional
 from . import checkpoint, logs
 from . import recipe as recipes
 from .diagnostics import ema_warm_step, top1_columns
-from .entry import guarded
+from .entry import Parser, guarded
 from .errors import UserError
 from .optim import plan_batch, total_epochs
 from .plots import pyplot, save_figure
@@ -52,7 +51,7 @@ def read_recipe(run_dir: Path) -> recipes.Recipe:
     path = run_dir / 'recipe.yaml'
     if not path.is_file():
         raise UserError(f'{path} not found: the report needs the run\'s resolved recipe')
-    return recipes.from_dict(recipes.yaml_load(path.read_text()))
+    return recipes.from_dict(recipes.read_yaml_file(path))
 
 
 def global_batch(run_dir: Path, recipe: recipes.Recipe) -> int:
@@ -112,7 +111,7 @@ def write_report(run_dir: Path) -> Path:
     flags = ema_flags(rows, recipe, batch)
     plots = draw_plots(run_dir / 'plots', rows, flags)
     path = run_dir / 'report.md'
-    path.write_text(markdown(recipe, batch, rows, flags, plots, run_dir))
+    path.write_text(markdown(recipe, batch, rows, flags, plots, run_dir), encoding='utf-8')
     logs.info(f'report: {path}')
     return path
 
@@ -200,7 +199,7 @@ def draw_plots(folder: Path, rows: list[dict], flags: list[bool]) -> list[Path]:
 
 @guarded
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m mnv_train.report',
+    parser = Parser(prog='python -m mnv_train.report',
                                      description='Write report.md and PNG plots for a run folder')
     parser.add_argument('run_dir', help='the run folder (holds metrics.csv and recipe.yaml)')
     logs.configure(is_main=True, quiet=False)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from . import model as models
 from .errors import UserError
 
 
@@ -83,20 +84,22 @@ def match_parameter_layout(optimizer: torch.optim.Optimizer):
                     state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
-def restore(run, payload: dict) -> list[str]:
-    """Put a checkpoint back into a freshly built run; returns notes on what had to be adapted."""
+def restore(run, payload: dict, source: str) -> list[str]:
+    """Put a checkpoint (`source` names it in messages) back into a freshly built run; returns notes on what had
+    to be adapted."""
     notes = []
+    models.load_weights(run.module, payload['model'], source)
+    if run.ema is not None:
+        if payload.get('ema') is not None:
+            models.load_weights(run.ema.module, payload['ema'], f'{source} (EMA weights)')
+        else:
+            run.ema.module.load_state_dict(payload['model'])
+            notes.append('the checkpoint has no EMA weights; EMA restarts from the model weights')
     try:
-        run.module.load_state_dict(payload['model'])
-        if run.ema is not None:
-            if payload.get('ema') is not None:
-                run.ema.module.load_state_dict(payload['ema'])
-            else:
-                run.ema.module.load_state_dict(payload['model'])
-                notes.append('the checkpoint has no EMA weights; EMA restarts from the model weights')
         run.optimizer.load_state_dict(payload['optimizer'])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f'checkpoint does not fit this recipe\'s model/optimizer: {str(e).splitlines()[0]}') from None
+        raise UserError(f'{source}: its optimizer state does not fit optim.name {run.recipe.optim.name!r} '
+                        f'({str(e).splitlines()[0]})') from None
     match_parameter_layout(run.optimizer)
     if payload['scaler'] or not run.scaler.is_enabled():
         run.scaler.load_state_dict(payload['scaler'])

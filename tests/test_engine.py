@@ -40,7 +40,7 @@ def test_resuming_an_fp16_run_from_a_checkpoint_without_a_loss_scale_starts_it_f
     payload, _ = resume.capture(plain)
     assert payload['scaler'] == {}  # a bf16 or fp32 run has no loss scale
     resumed = fp16_like(build_run(recipe, distributed.init('cpu'), tmp_path / 'b'))
-    notes = resume.restore(resumed, payload)
+    notes = resume.restore(resumed, payload, 'plain')
     assert any('loss scale starts' in note for note in notes) and resumed.scaler.get_scale() == 1024.0
 
 
@@ -51,7 +51,7 @@ def test_resuming_with_channels_last_toggled_puts_the_optimizer_moments_in_the_n
     payload, _ = resume.capture(trained)
     resumed = build_run(recipes.load(str(write_recipe({'train': {'channels_last': False}}))),
                         distributed.init('cpu'), tmp_path / 'b')
-    resume.restore(resumed, payload)
+    resume.restore(resumed, payload, 'trained')
     for group in resumed.optimizer.param_groups:
         for p in group['params']:
             for value in resumed.optimizer.state[p].values():

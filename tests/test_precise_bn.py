@@ -99,7 +99,7 @@ def test_run_statistics_are_recalibrated_for_raw_and_ema_weights_deterministical
     recipe_path, run_dir = trained
     payload = checkpoint.load(run_dir / 'checkpoints' / 'last.pt')
     run = build_run(recipes.load(str(recipe_path)), World(), tmp_path)
-    resume.restore(run, payload)
+    resume.restore(run, payload, 'last.pt')
     run.state.epoch = payload['state']['epoch'] - 1  # where end_epoch recalibrated before saving
     for module in (run.module, run.ema.module):
         for value in bn_buffers(module.state_dict()).values():

@@ -1,0 +1,241 @@
+"""Faults of long runs: recipe changes on resume, unreadable images, a full disk, a dead loader worker, a dead rank
+under torchrun's elastic restarts."""
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mnv_train import checkpoint
+from mnv_train.cli import train_main
+from mnv_train.data import MAX_CONSECUTIVE_BAD
+
+from conftest import REPO, merge
+
+STEPS_OF_8 = {'data': {'synthetic_train_size': 128}, 'train': {'global_batch_size': 16, 'batch_size': 16,
+                                                                'checkpoint_every_steps': 2, 'log_every': 2}}
+
+
+def last(run_dir, name='last.pt'):
+    return checkpoint.load(run_dir / 'checkpoints' / name)
+
+
+def same_weights(a, b):
+    return all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+class Output:
+    """A process's output lines as they arrive, with the time each arrived, so a test can wait for one."""
+
+    def __init__(self, stream):
+        self.lines, self.changed = [], threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.changed:
+                self.lines.append((time.monotonic(), line.rstrip('\n')))
+                self.changed.notify_all()
+
+    def wait_for(self, text, timeout=300, after=0):
+        """(arrival time, line) of the first line from index `after` on that holds text."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for arrived, line in self.lines[after:]:
+                    if text in line:
+                        return arrived, line
+                assert time.monotonic() < deadline, f'{text!r} never appeared in:\n' + '\n'.join(
+                    line for _, line in self.lines[-30:])
+                self.changed.wait(1)
+
+
+def wait_for_file(path, process, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f'{path} never appeared'
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------- recipe changes
+
+def test_resuming_reports_changes_that_only_extend_the_run_and_refuses_others_in_one_line(write_recipe, tmp_path,
+                                                                                         capsys):
+    recipe, out = write_recipe(), tmp_path / 'run'
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '2']) == 0
+    capsys.readouterr()
+    resume = ['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']
+    assert train_main(resume + ['--set', 'optim.lr=0.5', '--set', 'schedule.epochs=3']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'optim.lr 0.002 -> 0.5' in err and 'schedule.epochs' not in err
+    assert '--allow-recipe-change' in err and last(out)['state']['step'] == 2  # nothing was written
+    assert train_main(resume + ['--max-steps', '3', '--set', 'schedule.epochs=3', '--set', 'train.log_every=1']) == 0
+    err = capsys.readouterr().err
+    assert 'the recipe changed since the checkpoint: schedule.epochs 2 -> 3' in err
+    assert 'the recipe changed since the checkpoint: train.log_every 2 -> 1' in err
+    assert train_main(resume + ['--allow-recipe-change', '--set', 'optim.lr=0.0005', '--set', 'schedule.epochs=3',
+                                '--max-steps', '4']) == 0
+    assert 'optim.lr 0.002 -> 0.0005' in capsys.readouterr().err
+    assert last(out)['recipe']['optim']['lr'] == 0.0005
+
+
+# ---------------------------------------------------------------------------------------------- unreadable images
+
+def image_folder(root, bad=()):
+    """train/ and validation/ with 2 classes of 16 tiny PNGs; `bad` maps file names in train/class0 to contents."""
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 16), ('validation', 4)):
+        for label in range(2):
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.full((24, 24, 3), 60 + 120 * label, np.uint8) + rng.integers(0, 30, (24, 24, 3), np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i:02d}.png')
+    for name, content in dict(bad).items():
+        (root / 'train' / 'class0' / name).write_bytes(content)
+    return root
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG whose header reads but whose data stops halfway, as an interrupted copy leaves one."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), np.uint8)).save(buffer, 'JPEG')
+    return buffer.getvalue()[:len(buffer.getvalue()) // 2]
+
+
+BAD_FILES = {'05_truncated.jpg': truncated_jpeg(), '06_notes.png': b'these are notes, not an image\n'}
+
+
+def test_unreadable_images_are_replaced_deterministically_named_and_counted(write_recipe, tmp_path, capfd):
+    root = image_folder(tmp_path / 'data', BAD_FILES)
+    changes = {'data': {'dataset': 'folder', 'data_dir': str(root), 'img_size': 24, 'max_bad_fraction': 0.1},
+               'train': {'global_batch_size': 8, 'batch_size': 8}}
+    runs = {}
+    for workers in (0, 2):
+        recipe = write_recipe(merge(changes, {'data': {'num_workers': workers}}), name=f'w{workers}')
+        out = tmp_path / f'run{workers}'
+        assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
+        runs[workers] = last(out)
+        err = capfd.readouterr().err  # file descriptors: loader workers print too
+        for name in BAD_FILES:
+            assert f'cannot read image {root / "train" / "class0" / name}' in err
+    assert [row['skipped_images'] for row in runs[0]['state']['history']] == [2, 2]  # each epoch
+    assert (tmp_path / 'run0' / 'metrics.csv').read_text().splitlines()[0].split(',')[4] == 'skipped_images'
+    assert same_weights(runs[0], runs[2])  # the same replacement, whichever process read the file
+
+
+def test_too_many_unreadable_images_stop_the_run_in_one_line(write_recipe, tmp_path, capsys):
+    root = image_folder(tmp_path / 'data', BAD_FILES)
+    recipe = write_recipe({'data': {'dataset': 'folder', 'data_dir': str(root), 'img_size': 24},
+                           'train': {'global_batch_size': 8, 'batch_size': 8}})  # default: 0.1 % may fail
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith('error: 2 unreadable training images in epoch 1, more than data.max_bad_fraction')
+    assert 'python -m mnv_train.check_data' in lines[-1] and all(line.startswith('warning: ') for line in lines[:-1])
+
+
+def test_a_run_of_unreadable_images_means_the_data_is_broken(write_recipe, tmp_path, capsys):
+    bad = {f'z{i:02d}_bad.png': b'not an image' for i in range(MAX_CONSECUTIVE_BAD + 4)}  # after the good ones
+    root = image_folder(tmp_path / 'data', bad)
+    recipe = write_recipe({'data': {'dataset': 'folder', 'data_dir': str(root), 'img_size': 24,
+                                    'max_bad_fraction': 1.0}, 'train': {'global_batch_size': 8, 'batch_size': 8}})
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f'error: {MAX_CONSECUTIVE_BAD} unreadable images in a row from ')
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+
+def test_a_full_disk_keeps_the_earlier_checkpoints_leaves_no_temp_file_and_says_how_to_resume(
+        write_recipe, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    recipe = write_recipe(STEPS_OF_8)
+    real_fsync = os.fsync
+
+    def fsync_fills_the_disk(fd):  # the disk fills up while the step-6 checkpoint is written
+        if 'step-00000006.pt' in os.readlink(f'/proc/self/fd/{fd}'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', fsync_fills_the_disk)
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('error: the disk is full: saving ')
+    assert 'step-00000006.pt failed, the earlier checkpoints beside it are intact' in err and '--resume auto' in err
+    files = sorted(p.name for p in (out / 'checkpoints').iterdir())
+    assert not [name for name in files if '.tmp-' in name]
+    assert 'step-00000006.pt' not in files
+    monkeypatch.setattr(os, 'fsync', real_fsync)
+    assert checkpoint.load(out / 'checkpoints' / 'step-00000004.pt')['state']['step'] == 4
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
+
+
+# ---------------------------------------------------------------------------------------------- loader workers
+
+def children(pid):
+    return [int(p) for p in (open(f'/proc/{pid}/task/{pid}/children').read().split())]
+
+
+def test_a_killed_loader_worker_is_named_and_the_last_step_saved(write_recipe, tmp_path):
+    recipe = write_recipe(merge(STEPS_OF_8, {'data': {'num_workers': 2}, 'schedule': {'epochs': 20}}))
+    out = tmp_path / 'run'
+    process = subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--recipe', str(recipe), '--output', str(out),
+                                '--quiet'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_file(out / 'checkpoints' / 'step-00000002.pt.json', process)
+    worker = children(process.pid)[0]
+    os.kill(worker, signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f'error: data loader worker pid {worker} died (') and 'out of memory' in line
+    assert f'--resume auto --output {out}' in line
+    saved = int(line.split('step ')[1].split(' ')[0])
+    assert saved >= 2 and last(out)['state']['step'] == saved
+
+
+# ---------------------------------------------------------------------------------------------- elastic restarts
+
+def torchrun(*args, restarts=0, nproc=2):
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                             f'--nproc_per_node={nproc}', f'--max-restarts={restarts}', str(REPO / 'train.py'),
+                             '--device', 'cpu', *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def rank_pid(agent_pid, rank):
+    for pid in children(agent_pid):
+        environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+        if f'RANK={rank}'.encode() in environ:
+            return pid
+    raise AssertionError(f'no rank {rank} under {agent_pid}')
+
+
+def test_torchrun_max_restarts_survives_a_killed_rank_and_ends_bit_identical(write_recipe, tmp_path):
+    recipe = write_recipe({'train': {'checkpoint_every_steps': 2}, 'data': {'synthetic_train_size': 256},
+                           'schedule': {'epochs': 2}})  # 8 steps an epoch over 2 ranks
+    whole = torchrun('--recipe', recipe, '--output', tmp_path / 'whole', '--quiet')
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+    out = tmp_path / 'restarted'
+    agent = torchrun('--recipe', recipe, '--output', out, restarts=2)
+    output = Output(agent.stdout)
+    output.wait_for('step 4/16')  # a log point after the step-4 checkpoint
+    killed_at = time.monotonic()
+    os.kill(rank_pid(agent.pid, 1), signal.SIGKILL)
+    resumed_at, line = output.wait_for('resumed from')
+    log = '\n'.join(text for _, text in output.lines)
+    restarts = [text for _, text in output.lines if 'torchrun restarted the workers' in text]
+    assert restarts, log
+    if 'restart 1)' not in restarts[0]:
+        print(log)  # the first restart failed too: its lines say why
+    assert agent.wait(timeout=300) == 0, log
+    print(f'kill -9 of rank 1 -> restarted run resumed in {resumed_at - killed_at:.1f} s ({line})')
+    assert same_weights(last(out), last(tmp_path / 'whole'))
+    assert last(out)['state']['step'] == 16

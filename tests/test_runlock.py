@@ -1,0 +1,145 @@
+"""One writer per run folder: the lock, stale locks, and ranks that stop when their torchrun agent dies."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mnv_train import checkpoint
+from mnv_train.cli import train_main, validate_main
+from mnv_train.errors import UserError
+from mnv_train.runlock import LOCK_NAME, RunLock
+
+from conftest import REPO
+
+LONGER = {'data': {'synthetic_train_size': 256}, 'train': {'checkpoint_every_steps': 2, 'log_every': 100}}
+
+
+def start(recipe, out, *extra):
+    return subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--recipe', str(recipe), '--output', str(out),
+                             '--quiet', '--device', 'cpu', *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f'{path} never appeared'
+        time.sleep(0.01)
+
+
+def final(out):
+    return checkpoint.load(out / 'checkpoints' / 'last.pt')
+
+
+def assert_same(a, b):
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert a['state'] == b['state']
+
+
+@pytest.fixture
+def reference(write_recipe, tmp_path):
+    """(recipe, final checkpoint of an undisturbed run of it)."""
+    recipe = write_recipe(LONGER)
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'reference'), '--quiet']) == 0
+    return recipe, final(tmp_path / 'reference')
+
+
+def write_lock(folder, host, pid, heartbeat_age):
+    folder.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    (folder / LOCK_NAME).write_text(json.dumps({'host': host, 'pid': pid, 'started': now - 3600,
+                                                'heartbeat': now - heartbeat_age}))
+
+
+def test_a_second_job_on_a_folder_in_use_is_refused_and_the_first_finishes_unharmed(reference, tmp_path, capsys):
+    recipe, expected = reference
+    out = tmp_path / 'shared'
+    first = start(recipe, out)
+    wait_for(out / 'checkpoints' / 'step-00000002.pt.json', first)
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: {out} is in use by pid {first.pid} on {socket.gethostname()} since ')
+    assert 'heartbeat' in err and len(err.splitlines()) == 1
+    assert first.wait(timeout=300) == 0, first.communicate()
+    assert_same(final(out), expected)
+    assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+def test_after_a_kill_9_the_next_job_takes_over_the_stale_lock_and_resumes_exactly(reference, tmp_path, capsys):
+    recipe, expected = reference
+    out = tmp_path / 'crashed'
+    holder = start(recipe, out)
+    wait_for(out / 'checkpoints' / 'step-00000004.pt.json', holder)
+    holder.kill()
+    holder.wait()
+    assert json.loads((out / LOCK_NAME).read_text())['pid'] == holder.pid  # left behind by the crash
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet']) == 0
+    assert f'took over the stale lock of {out}, held by pid {holder.pid} on {socket.gethostname()}' in \
+        capsys.readouterr().err
+    assert_same(final(out), expected)
+
+
+def test_a_lock_from_another_host_is_stale_only_when_its_heartbeat_is(tmp_path):
+    write_lock(tmp_path / 'run', 'node17', 4242, heartbeat_age=20)
+    with pytest.raises(UserError, match=r'is in use by pid 4242 on node17 since \d\d:\d\d \(heartbeat 20 s ago\)'):
+        RunLock(tmp_path / 'run', stale_minutes=10).acquire()
+    write_lock(tmp_path / 'run', 'node17', 4242, heartbeat_age=11 * 60)
+    lock = RunLock(tmp_path / 'run', stale_minutes=10)
+    assert lock.acquire().startswith('took over the stale lock')
+    assert json.loads((tmp_path / 'run' / LOCK_NAME).read_text())['pid'] == os.getpid()
+    lock.release()
+    assert not (tmp_path / 'run' / LOCK_NAME).exists()
+
+
+def test_force_unlock_takes_over_a_live_lock_with_a_warning(write_recipe, tmp_path, capsys):
+    out = tmp_path / 'run'
+    write_lock(out, 'node17', 4242, heartbeat_age=1)
+    recipe = write_recipe()
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 2
+    assert '--force-unlock' in capsys.readouterr().err
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--force-unlock']) == 0
+    assert 'took over the forced lock of' in capsys.readouterr().err
+
+
+def test_validate_reads_a_checkpoint_of_a_locked_run_folder(write_recipe, tmp_path):
+    out = tmp_path / 'run'
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet']) == 0
+    lock = RunLock(out, stale_minutes=10)
+    lock.acquire()  # as a job still training there would hold it
+    try:
+        assert validate_main([str(out / 'checkpoints' / 'last.pt')]) == 0
+    finally:
+        lock.release()
+
+
+def test_ranks_stop_within_seconds_when_their_torchrun_agent_is_killed(write_recipe, tmp_path):
+    recipe = write_recipe({'data': {'synthetic_train_size': 2048}, 'schedule': {'epochs': 4},
+                           'train': {'checkpoint_every_steps': 2, 'log_every': 1000}})
+    out = tmp_path / 'orphans'
+    agent = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                              str(REPO / 'train.py'), '--recipe', str(recipe), '--output', str(out), '--quiet',
+                              '--device', 'cpu'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / 'checkpoints' / 'step-00000002.pt.json', agent)
+    ranks = [int(p) for p in open(f'/proc/{agent.pid}/task/{agent.pid}/children').read().split()]
+    assert len(ranks) == 2
+    before = {p.name for p in (out / 'checkpoints').iterdir()}
+    killed = time.monotonic()
+    agent.kill()
+    agent.wait()
+    while any(os.path.exists(f'/proc/{pid}') and 'Z' not in open(f'/proc/{pid}/stat').read().split()[2]
+              for pid in ranks):
+        assert time.monotonic() - killed < 60, 'ranks outlived their agent'
+        time.sleep(0.05)
+    print(f'both ranks ended {time.monotonic() - killed:.1f} s after the agent was killed')
+    added = {p.name for p in (out / 'checkpoints').iterdir()} - before
+    steps = {name.split('.')[0] for name in added if name.startswith('step-')}
+    assert len(steps) <= 1 and all(name.startswith(('step-', 'last.pt')) for name in added), added
+    for step in steps:  # the one checkpoint written after the agent's death is complete: it loads
+        checkpoint.load(out / 'checkpoints' / f'{step}.pt', needs=checkpoint.RUN_PARTS)
+    assert not (out / LOCK_NAME).exists()
