@@ -75,3 +75,8 @@ def tiny_fmnist(tmp_path):
         images = (labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)
         write_idx(root, prefix, images, labels)
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device; skipped without one (benchmarks/gpu_check.sh runs '
+                                       'them with pytest -m cuda)')

@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# The GPU check in one command: the CUDA tests, the throughput of mnv4_conv_small @224 (host and device decode) and
+# mnv4_hybrid_large @384 bf16 (eager and train.compile) with timm's own train.py side by side, and the Fashion-MNIST
+# quickstart on the GPU. Writes gpu_check.json, summary.md, logs/ and the raw results to benchmarks/results/gpu/.
+#
+#   FMNIST_DIR=/path/to/fashion-mnist bash benchmarks/gpu_check.sh [TIMM_TRAIN_PY]   # one CUDA GPU; H100: ~6 min
+#   bash benchmarks/gpu_check.sh --tiny [TIMM_TRAIN_PY]   # CPU dry run of every step at toy sizes, about a minute
+#
+# Every step runs under `timeout`; a step that fails or times out is recorded and the next one runs. A step that
+# would start past BUDGET_S seconds is skipped, and each step's limit is cut to what is left of the budget. The
+# summary is rewritten after every step, so a run stopped from outside still leaves one. Without a CUDA device (and
+# without --tiny) it prints one line saying what it would run, and exits 0. The exit status is 1 when a step failed,
+# timed out or was skipped for the budget; targets that are not met are findings, not failures.
+#
+# Environment:
+#   FMNIST_DIR  the four Fashion-MNIST .gz files (default /usr/share/datasets/fashion-mnist; --tiny makes a toy set)
+#   DATA_DIR    a JPEG folder with train/ and validation/ (default: made from matplotlib's sample photo)
+#   GPU_CHECK_OUT  results folder (default benchmarks/results/gpu; --tiny: /tmp/mnv_gpu_check_tiny)
+#   BUDGET_S    seconds for the whole check (default 450)      WORKERS  loader workers (default 16; --tiny 0)
+#   ROUNDS      mnv-train / timm train.py alternations (default 1)   PYTHON  interpreter (default python3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+tiny=0 device='' timm_train=''
+while [ $# -gt 0 ]; do
+  case $1 in
+    --tiny) tiny=1 ;;
+    --device) device=${2:-}; shift ;;
+    --device=*) device=${1#*=} ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) timm_train=$1 ;;
+  esac
+  shift
+done
+[ -n "$device" ] || { [ "$tiny" = 1 ] && device=cpu || device=cuda; }
+if [ "$device" != cuda ] && [ "$device" != cpu ]; then echo "gpu_check: --device cuda or cpu" >&2; exit 2; fi
+if [ "$device" = cpu ] && [ "$tiny" = 0 ]; then
+  echo "gpu_check: --device cpu needs --tiny (the full sizes would take hours on a CPU)" >&2; exit 2
+fi
+if [ -n "$timm_train" ] && [ ! -f "$timm_train" ]; then echo "gpu_check: $timm_train not found" >&2; exit 2; fi
+
+py=${PYTHON:-python3}
+rounds=${ROUNDS:-1}
+if [ "$tiny" = 1 ]; then
+  mode=tiny out=${GPU_CHECK_OUT:-/tmp/mnv_gpu_check_tiny} budget=${BUDGET_S:-300} workers=${WORKERS:-0}
+  n_train=48 n_val=8 classes=4 jobs=2 steps=2 warmup=1
+  small=(--img-size 32 --batch-size 4)
+  # the hybrid recipe's settings on the small model in fp32: Hybrid-L in bf16 runs at ~0.5 img/s on a CPU
+  large=(--img-size 32 --batch-size 4 --set model.name=mobilenetv4_conv_small --set train.amp=none)
+  # compiling takes minutes on a CPU: the compiled step still goes through torch.compile, with dynamo switched off
+  compiled_env=(env TORCHDYNAMO_DISABLE=1)
+  fmnist_extra=(--set schedule.epochs=1 --set train.global_batch_size=32 --set train.batch_size=32
+                --set data.img_size=32)
+  timm_size=(--img-size 32 -b 4)
+  # one thread: toy steps gain nothing from two, and on a shared 2-core machine OpenMP's threads wait on each other
+  # (measured: 18 ms a step alone, 5 s with another process busy on one core)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+  mode=gpu out=${GPU_CHECK_OUT:-benchmarks/results/gpu} budget=${BUDGET_S:-450} workers=${WORKERS:-16}
+  # enough images for 20 timed + 5 warm-up steps of 256 in one epoch; batches that fit an 80 GB H100
+  n_train=7000 n_val=256 classes=10 jobs=$(nproc) steps=20 warmup=5
+  small=(--img-size 224 --batch-size 256)
+  large=(--img-size 384 --batch-size 128)
+  compiled_env=()
+  fmnist_extra=(--set data.num_workers=8)  # the recipe's 0 workers is a 2-core CPU choice
+  timm_size=(--img-size 224 -b 256)
+fi
+[ "$device" = cpu ] && export CUDA_VISIBLE_DEVICES=''  # a dry run stays off any GPU the machine has
+
+plan="pytest -m cuda tests/test_cuda.py; mnv_train.bench mnv4_conv_small@224 host decode"
+[ -n "$timm_train" ] && plan+="; timm train.py mnv4_conv_small@224"
+plan+="; mnv_train.bench mnv4_conv_small@224 device decode; mnv_train.bench mnv4_hybrid_large@384 bf16 eager"
+plan+="; train.py --recipe fmnist_mnv4_conv_small --device cuda; mnv_train.bench mnv4_hybrid_large@384 bf16 compiled"
+if [ "$device" = cuda ] && ! "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  echo "gpu_check: no CUDA device here; would run: $plan; nothing was run (--tiny runs a CPU dry run)"
+  exit 0
+fi
+
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+mkdir -p "$out"
+rm -rf "$out"/{steps,logs,bench,timm,fmnist} "$out"/{env.json,pytest.xml,cuda_measured.jsonl,gpu_check.json,summary.md}
+mkdir -p "$out"/{steps,logs,bench,timm,fmnist}
+started=$SECONDS
+
+summarize() {
+  "$py" benchmarks/gpu_summary.py summarize "$out" --budget "$budget" --elapsed $((SECONDS - started)) "$@"
+}
+
+# run_step NAME LIMIT_S COMMAND...: COMMAND under timeout, its output in logs/NAME.log, how it ended in steps/
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((budget - (SECONDS - started) - 10))  # 10 s kept for the last summary
+  if [ "$left" -lt 20 ]; then
+    "$py" benchmarks/gpu_summary.py skip "$out" "$name" over_budget "the ${budget} s budget is spent" -- "$@"
+    echo "gpu_check: $name skipped: the ${budget} s budget is spent"
+    summarize
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "gpu_check: $name (limit ${limit} s)"
+  local t0 t1
+  t0=$(date +%s.%N)
+  timeout -k 10 "$limit" "$@" > "$out/logs/$name.log" 2>&1
+  local rc=$?
+  t1=$(date +%s.%N)
+  local seconds
+  seconds=$(awk "BEGIN {printf \"%.1f\", $t1 - $t0}")
+  "$py" benchmarks/gpu_summary.py step "$out" "$name" "$rc" "$seconds" "$limit" -- "$@"
+  echo "gpu_check: $name: exit $rc after $seconds s"
+  summarize
+}
+
+# environment: GPU, versions, modules that are missing
+"$py" benchmarks/gpu_summary.py env "$out" --mode "$mode" --device "$device"
+
+# a JPEG folder shaped like ImageNet, from matplotlib's sample photo (and the few others benchmarks/run.sh finds)
+data=${DATA_DIR:-}
+if [ -z "$data" ]; then
+  data=$([ "$tiny" = 1 ] && echo "$scratch/images" || echo /tmp/mnv_gpu_images)
+  have=$(find "$data/train" -name '*.jpg' 2>/dev/null | wc -l)
+  if [ "$have" -lt "$n_train" ]; then
+    rm -rf "$data"
+    photos=$("$py" - <<'PY'
+import glob, os, matplotlib
+found = [os.path.join(os.path.dirname(matplotlib.__file__), 'mpl-data/sample_data/grace_hopper.jpg')]
+found += sorted(glob.glob('/root/.rustup/toolchains/*/share/doc/rust/html/embedded-book/assets/*.jp*g'))[:2]
+print(' '.join(p for p in found if os.path.getsize(p) > 20000))
+PY
+)
+    # shellcheck disable=SC2086  # one word per photo path
+    run_step images 120 "$py" benchmarks/make_images.py "$data" $photos --train "$n_train" --val "$n_val" \
+      --classes "$classes" --jobs "$jobs"
+  fi
+fi
+
+# a Fashion-MNIST-format toy set for the dry run, unless one is given
+fmnist_dir=${FMNIST_DIR:-}
+if [ -z "$fmnist_dir" ] && [ "$tiny" = 1 ]; then
+  fmnist_dir=$scratch/fmnist
+  "$py" - "$fmnist_dir" <<'PY'
+import gzip, struct, sys
+from pathlib import Path
+import numpy as np
+root = Path(sys.argv[1])
+root.mkdir(parents=True)
+for prefix, n in (('train', 64), ('t10k', 32)):
+    labels = np.arange(n) % 10
+    images = (labels[:, None, None] * 25 + np.random.default_rng(n).integers(0, 5, (n, 28, 28))).astype(np.uint8)
+    with gzip.open(root / f'{prefix}-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>IIII', 2051, n, 28, 28) + images.tobytes())
+    with gzip.open(root / f'{prefix}-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>II', 2049, n) + labels.astype(np.uint8).tobytes())
+PY
+fi
+fmnist_dir=${fmnist_dir:-/usr/share/datasets/fashion-mnist}
+
+# 1. the CUDA tests, with a per-test timeout where pytest-timeout is installed
+pytest_args=(-m cuda tests/test_cuda.py -p no:cacheprovider -v -rA --junitxml="$out/pytest.xml")
+"$py" -c 'import pytest_timeout' 2>/dev/null && pytest_args+=(--timeout 150)
+run_step pytest_cuda 180 env MNV_CUDA_MEASURE="$out/cuda_measured.jsonl" "$py" -m pytest "${pytest_args[@]}"
+
+# 2. throughput: model only, input pipeline, end to end (python -m mnv_train.bench), timm's train.py after ours
+bench=("$py" -m mnv_train.bench --data-dir "$data" --device "$device" --workers "$workers" --steps "$steps"
+       --warmup "$warmup")
+timm_flags=()
+if [ -n "$timm_train" ]; then
+  # the values of recipes/mnv4_conv_small.yaml, as benchmarks/run.sh passes them; one log line per optimizer step
+  timm_flags=(--data-dir "$data" --model mobilenetv4_conv_small "${timm_size[@]}" --device "$device" --opt adamw
+              --opt-eps 1e-6 --lr 0.002 --weight-decay 0.01 --sched-on-updates --warmup-epochs 5
+              --aa rand-m9-n2-mstd0-p0.5 --smoothing 0.1 --drop 0.3 --bn-momentum 0.05 --bn-eps 1e-6 --model-ema
+              --model-ema-decay 0.9999 --channels-last --workers "$workers" --epochs 1 --log-interval 1)
+  # drain the device after each step, as mnv_train.bench does, where this train.py has the switch
+  grep -q -- '--synchronize-step' "$timm_train" && timm_flags+=(--synchronize-step)
+fi
+for round in $(seq 1 "$rounds"); do
+  suffix=$([ "$round" = 1 ] || echo ".round$round")
+  run_step "bench_conv_small_224_host$suffix" 90 "${bench[@]}" --recipe mnv4_conv_small "${small[@]}" \
+    --json "$out/bench/conv_small_224_host$suffix.json"
+  if [ -n "$timm_train" ]; then
+    raw=$out/logs/timm_train.py$suffix.txt
+    timed=("$py" benchmarks/timm_rate.py --skip "$warmup" --steps "$steps")
+    run_step "timm_conv_small_224$suffix" 90 bash -c "$(printf '%q ' "$py" "$timm_train" "${timm_flags[@]}" \
+      --output "$scratch/timm$round") > $(printf %q "$raw") 2>&1; $(printf '%q ' "${timed[@]}") < $(printf %q "$raw") \
+      > $(printf %q "$out/timm/conv_small_224$suffix.json")"
+  fi
+done
+if [ -z "$timm_train" ]; then
+  "$py" benchmarks/gpu_summary.py skip "$out" timm_conv_small_224 not_requested "no TIMM_TRAIN_PY given" -- \
+    "$py" TIMM_TRAIN_PY ...
+fi
+run_step bench_conv_small_224_device 90 "${bench[@]}" --recipe mnv4_conv_small "${small[@]}" \
+  --set data.decode=device --set aug.auto_augment=null --json "$out/bench/conv_small_224_device.json"
+run_step bench_hybrid_large_384_eager 120 "${bench[@]}" --recipe mnv4_hybrid_large "${large[@]}" \
+  --json "$out/bench/hybrid_large_384_eager.json"
+
+# 3. the Fashion-MNIST quickstart on this device: wall time and final top-1 from its metrics.csv
+run_step fmnist 180 "$py" train.py --recipe fmnist_mnv4_conv_small --device "$device" --data-dir "$fmnist_dir" \
+  --output "$scratch/fmnist_run" "${fmnist_extra[@]}"
+for file in metrics.csv report.md recipe.yaml; do
+  [ -f "$scratch/fmnist_run/$file" ] && cp "$scratch/fmnist_run/$file" "$out/fmnist/"
+done
+summarize
+
+# 4. last, as it spends the most time compiling: Hybrid-L with train.compile
+run_step bench_hybrid_large_384_compiled 240 "${compiled_env[@]}" "${bench[@]}" --recipe mnv4_hybrid_large \
+  "${large[@]}" --set train.compile=true --json "$out/bench/hybrid_large_384_compiled.json"
+
+summarize --exit-status
+status=$?
+cat "$out/summary.md"
+echo "gpu_check: wrote $out/gpu_check.json and $out/summary.md in $((SECONDS - started)) s"
+exit "$status"
