@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import data, finetune, logs, pipeline
 from . import model as models
 from .checkpoint import Checkpointer
+from .distill import Distillation, build_distillation
 from .distributed import World
 from .errors import UserError
 from .logs import MetricsLog
@@ -36,6 +37,7 @@ class Run:
     scheduler: object
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
+    distillation: Optional[Distillation]  # a teacher and timm's distillation task, when the recipe has one
     train_sampler: data.EpochSampler
     train_loader: torch.utils.data.DataLoader
     steps_per_epoch: int
@@ -67,6 +69,12 @@ class Run:
         if finishing or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of a micro-batch: the task's, plus the teacher's term when distilling."""
+        if self.distillation is not None:
+            return self.distillation.task(images, targets)['loss']
+        return self.loss_fn(self.model(images), targets)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]['lr']
@@ -152,20 +160,27 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     train_loader, train_input = pipeline.training_input(recipe, train_source, train_sampler, norm, world,
                                                         plan.per_device)
 
-    optimizer = create_optimizer(module, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
+    loss_fn = TrainLoss(recipe.loss)
+    distillation = None
+    if recipe.distill.teacher:
+        distillation = build_distillation(recipe.distill, module, loss_fn, norm, num_classes, recipe.data.img_size,
+                                          world.device, train_cfg.channels_last)
+    model = distillation.task.trainable_module if distillation else module  # what trains: maybe + a projection
+    optimizer = create_optimizer(model, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
-    model = module
     if train_cfg.compile:
         model = torch.compile(model)
-    if world.distributed:
+    if world.distributed:  # never the teacher, which is not in `model`
         model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None,
                                         **({} if train_cfg.dist_bn == 'broadcast' else BUFFERS_PER_RANK))
+    if distillation:
+        distillation.task.trainable_module = model
 
     return Run(
         recipe=recipe, world=world, plan=plan, run_dir=Path(run_dir), module=module, model=model, ema=ema,
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(world.device.type, enabled=train_cfg.amp == 'fp16'),
-        loss_fn=TrainLoss(recipe.loss), train_sampler=train_sampler, train_loader=train_loader,
+        loss_fn=loss_fn, distillation=distillation, train_sampler=train_sampler, train_loader=train_loader,
         steps_per_epoch=steps_per_epoch, evals=pipeline.eval_sets(recipe, val_source, norm, world, plan.per_device),
         train_input=train_input, normalize=data.DeviceNormalize(norm, world.device, train_cfg.channels_last),
         augment=data.BatchAugment(recipe.aug, num_classes, recipe.loss.smoothing, world.device),

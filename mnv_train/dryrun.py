@@ -115,12 +115,27 @@ def benchmark_lines(run) -> list[str]:
     step = plan.accum_steps * micro + update
     how = (f'{BENCHMARK_TIMED} micro-batches of {probe} timed and scaled to the per-device {plan.per_device}'
            if probe < plan.per_device else f'mean of {BENCHMARK_TIMED} micro-batches of {plan.per_device}')
-    return ['speed',
-            f'  forward + backward {micro:.3g} s per micro-batch ({how}); optimizer update {update:.3g} s',
-            f'  {step:.3g} s per optimizer step ({plan.accum_steps} micro-batches + update), '
-            f'{plan.global_batch / step:.0f} img/s over {plan.world_size} process(es), model compute only',
-            f'  estimated training time {duration(step * run.total_steps)} for {run.total_steps} steps '
-            f'(evaluation and input waits not included)']
+    lines = ['speed',
+             f'  forward + backward {micro:.3g} s per micro-batch ({how}); optimizer update {update:.3g} s']
+    if run.distillation is not None:
+        teacher = time_teacher(run, probe, repeats=BENCHMARK_TIMED) * plan.per_device / probe
+        lines.append(f'  of which the teacher\'s forward {teacher:.3g} s, {100 * teacher / micro:.0f} % of the '
+                     f'micro-batch')
+    return lines + [f'  {step:.3g} s per optimizer step ({plan.accum_steps} micro-batches + update), '
+                    f'{plan.global_batch / step:.0f} img/s over {plan.world_size} process(es), model compute only',
+                    f'  estimated training time {duration(step * run.total_steps)} for {run.total_steps} steps '
+                    f'(evaluation and input waits not included)']
+
+
+def time_teacher(run, size: int, repeats: int) -> float:
+    """Mean seconds of the teacher's forward (renormalised, resized, under the run's autocast) on `size` samples."""
+    images, _, _ = probe_batch(run, size)
+    task = run.distillation.task
+    with torch.no_grad(), run.autocast():
+        start = synchronized_time(run.world.device)
+        for _ in range(repeats):
+            task.teacher(task.teacher.normalize_input(images, task.student_mean, task.student_std))
+        return (synchronized_time(run.world.device) - start) / repeats
 
 
 def probe_batch(run, size: int):

@@ -155,7 +155,7 @@ def epoch_batches(run: Run, epoch: int):
 def forward_backward(run: Run, images, targets, finishing: bool) -> torch.Tensor:
     """One micro-batch: loss and gradients (all-reduced by DDP only on the step's last micro-batch)."""
     with run.no_sync(finishing), run.autocast():
-        loss = run.loss_fn(run.model(images), targets)
+        loss = run.loss(images, targets)
     run.scaler.scale(loss / run.plan.accum_steps).backward()
     return loss.detach()
 

@@ -159,6 +159,22 @@ class EmaConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a local teacher (mnv_train/distill.py); off while `teacher` is empty."""
+    teacher: str = ''  # timm model name of the teacher
+    teacher_path: Optional[str] = None  # its weights: an mnv-train checkpoint, timm .pth or .safetensors; no download
+    img_size: Optional[int] = _f(None, ge=8)  # the teacher's input size; None: its recipe's, else the student's
+    mean: Optional[list] = None  # the teacher's normalisation; None: its recipe's, else timm's pretrained cfg
+    std: Optional[list] = None
+    type: Literal['logit', 'feature'] = 'logit'  # softened logits, or pooled pre-logit features
+    loss: Literal['kl', 'mse'] = 'kl'  # what timm offers: kl for logits, mse for features
+    temperature: float = _f(1.0, gt=0)  # logit distillation's softmax temperature
+    task_loss_weight: float = _f(1.0, ge=0)  # loss = task weight x task loss + distill weight x distillation loss
+    distill_loss_weight: float = _f(1.0, ge=0)
+    projection: bool = True  # feature distillation: a learned linear map when the feature sizes differ
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = _f(256, ge=1)  # the batch the LR and EMA decay are stated for
     batch_size: int = _f(128, ge=1)  # per device, the most that fits in memory
@@ -205,6 +221,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     provenance: Provenance = field(default_factory=Provenance)
 
@@ -322,6 +339,16 @@ def _check_consistency(recipe: Recipe):
         hint = f'did you mean {close[0]!r}? ' if close else ''
         raise UserError(f'data.dataset {dataset!r} is not a dataset here ({hint}one of {", ".join(DATASETS)}, or '
                         f'hfds/NAME for a Hugging Face dataset)')
+    distill = recipe.distill
+    if distill.teacher and not distill.teacher_path:
+        raise UserError(f'distill.teacher {distill.teacher!r} needs distill.teacher_path: nothing is downloaded')
+    if (distill.type, distill.loss) not in (('logit', 'kl'), ('feature', 'mse')):
+        raise UserError(f'distill.loss {distill.loss!r} does not go with distill.type {distill.type!r}: timm '
+                        f'distils logits with kl and features with mse')
+    for key in ('mean', 'std'):
+        values = getattr(distill, key)
+        if values is not None and (len(values) != 3 or not all(isinstance(v, (int, float)) for v in values)):
+            raise UserError(f'distill.{key}: expected 3 numbers, got {values!r}')
     if recipe.aug.auto_augment and recipe.aug.tf_randaugment is not None:
         raise UserError('aug.auto_augment and aug.tf_randaugment both set: choose timm\'s or Google\'s RandAugment '
                         '(set the other to null)')

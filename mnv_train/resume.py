@@ -65,6 +65,8 @@ def capture(run) -> tuple[dict, dict]:
         'recipe': run.recipe.to_dict(),
         'plan': {'world_size': run.plan.world_size, 'per_device': run.plan.per_device,
                  'accum_steps': run.plan.accum_steps, 'global_batch': run.plan.global_batch},
+        # the teacher's path and sha256, not its weights
+        'distill': run.distillation.record() if run.distillation is not None else None,
     }
     last = run.state.history[-1] if run.state.history else {}
     manifest = {'step': run.state.step, 'epoch': run.state.epoch, 'samples_seen': run.state.samples_seen,
@@ -101,6 +103,8 @@ def restore(run, payload: dict, source: str) -> list[str]:
         raise UserError(f'{source}: its optimizer state does not fit optim.name {run.recipe.optim.name!r} '
                         f'({str(e).splitlines()[0]})') from None
     match_parameter_layout(run.optimizer)
+    if run.distillation is not None and payload.get('distill'):
+        notes += run.distillation.restore(payload['distill'])
     if payload['scaler'] or not run.scaler.is_enabled():
         run.scaler.load_state_dict(payload['scaler'])
     else:

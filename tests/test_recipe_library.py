@@ -140,7 +140,8 @@ def test_every_recipe_builds_and_trains_one_step_on_cpu(name, tmp_path):
     recipe = recipes.load(name, ['data.dataset=synthetic', 'data.img_size=64', 'data.synthetic_train_size=8',
                                  'data.synthetic_val_size=4', 'data.num_workers=0', 'train.global_batch_size=4',
                                  'train.batch_size=4', 'data.extra_evals=[]',
-                                 'model.pretrained_path=null'])  # fine-tuning recipes: tests/test_finetune.py
+                                 'model.pretrained_path=null',  # fine-tuning recipes: tests/test_finetune.py
+                                 "distill.teacher=''"])  # distillation recipes: tests/test_distill.py
     run = build_run(recipe, World(), tmp_path)
     assert run.steps_per_epoch == 2  # the first step runs at warmup_lr 0
     before = [p.detach().clone() for p in run.module.parameters()]
