@@ -42,6 +42,7 @@ class Run:
     train_loader: torch.utils.data.DataLoader
     steps_per_epoch: int
     evals: list
+    fit_check: Optional[pipeline.EvalSet]  # training images evaluated like validation ones (train.fit_check_images)
     train_input: data.DeviceNormalize  # collated train batch -> normalised device batch
     normalize: data.DeviceNormalize  # the same for evaluation batches
     augment: data.BatchAugment
@@ -182,6 +183,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
         scaler=torch.amp.GradScaler(world.device.type, enabled=train_cfg.amp == 'fp16'),
         loss_fn=loss_fn, distillation=distillation, train_sampler=train_sampler, train_loader=train_loader,
         steps_per_epoch=steps_per_epoch, evals=pipeline.eval_sets(recipe, val_source, norm, world, plan.per_device),
+        fit_check=(pipeline.fit_check_set(recipe, train_source, norm, world, plan.per_device)
+                   if train_cfg.fit_check_images else None),
         train_input=train_input, normalize=data.DeviceNormalize(norm, world.device, train_cfg.channels_last),
         augment=data.BatchAugment(recipe.aug, num_classes, recipe.loss.smoothing, world.device),
         checkpointer=Checkpointer(Path(run_dir) / 'checkpoints', train_cfg.keep_checkpoints, world.is_main,

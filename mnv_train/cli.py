@@ -20,6 +20,7 @@ from .evaluation import EvalSetting, eval_setting, evaluate_weights, load_weight
 from .optim import plan_batch
 from .report import write_report
 from .runlock import RunLock
+from .tracking import open_trackers
 
 # ---------------------------------------------------------------------------------------------- train.py
 
@@ -70,16 +71,19 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     with holding_lock(run_dir, world, recipe.train.lock_stale_minutes, args.force_unlock) as lock:
         refuse_to_overwrite(run_dir, mode)
         run = build_run(recipe, world, run_dir, args.global_batch, args.batch_size)
-        resume_run(run, mode, payload, resume_path, args.allow_recipe_change)
+        payload = resume_run(run, mode, payload, resume_path, args.allow_recipe_change)
         announce(run)
+        start_trackers(run, payload)
         try:
             fit(run, stop_on_signals(), args.max_steps, lock)
         except Interrupted as e:  # a signal or --max-steps: a checkpoint was saved
+            run.metrics.finish_trackers([])
             logs.summary(f'stopped at step {run.state.step} ({e}); checkpoint saved in {run_dir / "checkpoints"}; '
                          f'continue with --resume auto --output {run_dir}')
             return 0
     if world.is_main:
-        write_report(run_dir)
+        report = write_report(run_dir)
+        run.metrics.finish_trackers([report, *sorted((run_dir / 'plots').glob('*.png'))])
     best = run.state.best_top1
     logs.summary(f'done: best top-1 {best:.2f} (epoch {run.state.best_epoch + 1}); checkpoints in '
                  f'{run_dir / "checkpoints"}' if best is not None else 'done')
@@ -108,25 +112,42 @@ def run_folder(output: Optional[str], recipe: recipes.Recipe, resume_path: Optio
     return Path('runs') / recipe.name
 
 
-@contextlib.contextmanager
-def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, force: bool):
-    """Rank 0 holds the run folder's lock while the run writes into it; every rank stops if it cannot."""
-    lock, refusal = (RunLock(run_dir, stale_minutes), None) if world.is_main else (None, None)
-    if lock is not None:
+def on_rank_0(world: distributed.World, action, what: str):
+    """action() on rank 0 alone (None elsewhere); a UserError there stops every rank, not rank 0 alone."""
+    result, refusal = None, None
+    if world.is_main:
         try:
-            make_folder(run_dir, 'the run folder')
-            warning = lock.acquire(force)
-            if warning:
-                logs.warn(warning)
+            result = action()
         except UserError as e:
             refusal = e
     if world.sum([float(refusal is not None)])[0]:
-        raise refusal or UserError(f'rank 0 could not lock {run_dir}')
+        raise refusal or UserError(f'rank 0 could not {what}')
+    return result
+
+
+@contextlib.contextmanager
+def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, force: bool):
+    """Rank 0 holds the run folder's lock while the run writes into it; every rank stops if it cannot."""
+    def take() -> RunLock:
+        lock = RunLock(make_folder(run_dir, 'the run folder'), stale_minutes)
+        warning = lock.acquire(force)
+        if warning:
+            logs.warn(warning)
+        return lock
+    lock = on_rank_0(world, take, f'lock {run_dir}')
     try:
         yield lock
     finally:
         if lock is not None:
             lock.release()
+
+
+def start_trackers(run: Run, payload: Optional[dict]):
+    """The recipe's W&B / MLflow runs, on rank 0: new ones, or the checkpoint's continued. One that cannot start
+    stops the run here, before it trains."""
+    cfg, ids = run.recipe.train, (payload or {}).get('trackers') or {}
+    run.metrics.trackers = on_rank_0(run.world, lambda: open_trackers(cfg.wandb, cfg.mlflow, run.run_dir,
+                                                                       run.recipe.to_dict(), ids), 'start trackers')
 
 
 def refuse_to_overwrite(run_dir: Path, resume: Optional[str]):
@@ -144,8 +165,9 @@ def elastic_restart() -> Optional[str]:
 
 
 def resume_run(run: Run, mode: Optional[str], payload: Optional[dict], resume_path: Optional[Path],
-               allow_recipe_change: bool):
-    """Put the checkpoint of --resume PATH, or for --resume auto the newest valid one, back into the run."""
+               allow_recipe_change: bool) -> Optional[dict]:
+    """Put the checkpoint of --resume PATH, or for --resume auto the newest valid one, back into the run; returns
+    its payload (None for a new run)."""
     if mode == 'auto':
         found = run.checkpointer.latest_valid()
         if found is None:
@@ -158,6 +180,7 @@ def resume_run(run: Run, mode: Optional[str], payload: Optional[dict], resume_pa
             logs.warn(note)
         run.metrics.restart_at(run.state.step)  # TensorBoard drops what the earlier run logged after this step
         logs.info(f'resumed from {resume_path} at epoch {run.state.epoch + 1}, step {run.state.step}')
+    return payload
 
 
 def check_recipe_changes(saved: dict, recipe: recipes.Recipe, source: Path, allowed: bool):

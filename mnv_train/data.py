@@ -318,10 +318,10 @@ class EpochSampler(Sampler):
 
 
 class ShardSampler(Sampler):
-    """Every sample exactly once across ranks (no padding), for evaluation."""
+    """Every sample (of `size`, or of the given indices) exactly once across ranks, without padding: evaluation."""
 
-    def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = range(rank, size, world_size)
+    def __init__(self, size: int, rank: int, world_size: int, indices=None):
+        self.indices = (range(size) if indices is None else indices)[rank::world_size]
 
     def __len__(self):
         return len(self.indices)

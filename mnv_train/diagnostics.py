@@ -182,3 +182,9 @@ def model_stride(module: torch.nn.Module) -> int:
         return int(module.feature_info[-1]['reduction'])
     except (AttributeError, TypeError, KeyError, IndexError):
         return DEFAULT_STRIDE
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f'{seconds / 3600:.1f} h'
+    return f'{seconds / 60:.1f} min' if seconds >= 60 else f'{seconds:.0f} s'

@@ -14,7 +14,7 @@ import torch
 
 from . import data
 from .build import Run
-from .diagnostics import ema_full_decay_step, ema_half_life, run_ema_warm_step
+from .diagnostics import duration, ema_full_decay_step, ema_half_life, run_ema_warm_step
 from .engine import forward_backward, optimizer_step
 from .plots import pyplot, save_figure
 
@@ -172,12 +172,6 @@ def synchronized_time(device: torch.device) -> float:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f'{seconds / 3600:.1f} h'
-    return f'{seconds / 60:.1f} min' if seconds >= 60 else f'{seconds:.0f} s'
 
 
 def plot_lr_schedule(run) -> Optional[Path]:

@@ -22,6 +22,7 @@ from timm.utils import dispatch_clip_grad
 from . import diagnostics, evaluation, logs, resume
 from .build import Run
 from .data import derive_seed, device_batches, seed_everything
+from .diagnostics import duration
 from .errors import UserError
 from .runlock import RunLock
 
@@ -88,7 +89,7 @@ def train_one_epoch(run: Run, epoch: int, watch: Watch):
         save_due = run.checkpointer.due_by_steps(step) and not epoch_end  # finish_epoch saves the epoch end
         if watch.progress.due(step):
             window_loss, clock_due = sync(run, watch, at_log_point=True)  # may roll back: raises RolledBack
-            watch.progress.log(run, window_loss)
+            watch.progress.log(run, window_loss, watch.pending)
             save_due = save_due or (clock_due and not epoch_end)
         if watch.stop_agreed(step):  # --max-steps, or a signal on any rank (a host-side vote every step)
             save_checkpoint(run, watch)
@@ -128,7 +129,7 @@ def optimizer_steps(run: Run, epoch: int, pending: Pending) -> Iterator[int]:
     """
     state, accum = run.state, run.plan.accum_steps
     run.model.train()
-    for batch_index, (images, targets, skipped) in epoch_batches(run, epoch):
+    for batch_index, (images, targets, skipped) in timed(epoch_batches(run, epoch), pending):
         pending.in_step = True  # the run's state changes from here until the step is counted
         seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, state.step, batch_index % accum,
                                     run.world.rank))
@@ -136,10 +137,23 @@ def optimizer_steps(run: Run, epoch: int, pending: Pending) -> Iterator[int]:
         finishing = (batch_index + 1) % accum == 0
         pending.record_batch(forward_backward(run, images, targets, finishing), skipped)
         if finishing:
-            pending.record_update(optimizer_step(run))
+            pending.record_update(*optimizer_step(run))
             state.add_samples(run.plan.global_batch)
             pending.in_step = False
             yield state.step
+
+
+def timed(batches, pending: Pending):
+    """The batches, adding the time the loop waited for each to pending.data_wait."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        pending.data_wait += time.perf_counter() - start
+        yield batch
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -160,15 +174,18 @@ def forward_backward(run: Run, images, targets, finishing: bool) -> torch.Tensor
     return loss.detach()
 
 
-def optimizer_step(run: Run) -> Optional[torch.Tensor]:
-    """Clip, step, schedule, average BatchNorm over ranks, EMA. With fp16, returns a device flag for whether the
-    loss scaler skipped the update (inf/NaN gradients). Even then the step counter, the LR schedule and the EMA
-    advance, as in timm: the schedule stays a function of samples seen, and the EMA decays towards weights
-    that did not change."""
-    clip = run.recipe.optim
+def optimizer_step(run: Run) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Clip, step, schedule, average BatchNorm over ranks, EMA. Returns two device values for the log, without
+    reading them back: with fp16, whether the loss scaler skipped the update (inf/NaN gradients), and with norm
+    clipping, the gradient norm. Even on a skipped step the step counter, the LR schedule and the EMA advance, as
+    in timm: the schedule stays a function of samples seen, and the EMA decays towards weights that did not change."""
+    clip, grad_norm = run.recipe.optim, None
     if clip.clip_grad is not None:
         run.scaler.unscale_(run.optimizer)
-        dispatch_clip_grad(run.module.parameters(), clip.clip_grad, mode=clip.clip_mode)
+        if clip.clip_mode == 'norm':  # what dispatch_clip_grad does for 'norm', keeping the norm it computes
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), clip.clip_grad)
+        else:
+            dispatch_clip_grad(run.module.parameters(), clip.clip_grad, mode=clip.clip_mode)
     # GradScaler keeps its scale on the device and lowers it exactly when it skips a step; comparing there
     # avoids reading it back (a sync) every step
     scale_before = run.scaler._scale.clone() if run.scaler.is_enabled() else None
@@ -182,7 +199,7 @@ def optimizer_step(run: Run) -> Optional[torch.Tensor]:
         run.world.average_batchnorm(run.module)  # before the EMA reads them: every replica holds the same statistics
     if run.ema is not None:
         run.ema.update(run.module, step=run.state.step)
-    return run.scaler._scale < scale_before if scale_before is not None else None
+    return (run.scaler._scale < scale_before if scale_before is not None else None), grad_norm
 
 
 # ---------------------------------------------------------------------------------------------- between steps
@@ -192,16 +209,20 @@ class Pending:
     """What the steps since the last sync point left behind, kept off the device's critical path."""
     losses: list = field(default_factory=list)  # device scalars, one per micro-batch
     fp16_skips: list = field(default_factory=list)  # device flags, one per optimizer step (fp16 only)
+    grad_norms: list = field(default_factory=list)  # device scalars, one per optimizer step (norm clipping only)
     images_skipped: int = 0  # unreadable images this rank replaced
+    data_wait: float = 0.0  # seconds the loop waited for batches
     in_step: bool = False  # an optimizer step is under way: the model, optimizer and state are not in step
 
     def record_batch(self, loss: torch.Tensor, images_skipped: int):
         self.losses.append(loss)
         self.images_skipped += images_skipped
 
-    def record_update(self, skipped: Optional[torch.Tensor]):
+    def record_update(self, skipped: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor]):
         if skipped is not None:
             self.fp16_skips.append(skipped)
+        if grad_norm is not None:
+            self.grad_norms.append(grad_norm)
 
     def read_back(self) -> tuple[list[float], int, int]:
         """(losses, fp16 steps skipped, images skipped) since the last call: one device sync."""
@@ -210,6 +231,12 @@ class Pending:
         images = self.images_skipped
         self.losses, self.fp16_skips, self.images_skipped = [], [], 0
         return losses, fp16, images
+
+    def read_log_values(self) -> tuple[float, Optional[float]]:
+        """(seconds waited for data, mean gradient norm) since the last call, for the log."""
+        grad_norm = float(torch.stack(self.grad_norms).float().mean()) if self.grad_norms else None
+        wait, self.data_wait, self.grad_norms = self.data_wait, 0.0, []
+        return wait, grad_norm
 
 
 class NonFiniteGuard:
@@ -235,7 +262,7 @@ class Progress:
     last log point."""
 
     def __init__(self, every: int):
-        self.every, self.bar = every, None
+        self.every, self.bar, self.estimated = every, None, False
         self.window_start, self.window_samples, self.window_losses = time.perf_counter(), 0, []
 
     def due(self, step: int) -> bool:
@@ -255,22 +282,34 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def log(self, run: Run, loss: Optional[float]):
+    def log(self, run: Run, loss: Optional[float], pending: Pending):
+        """The log line, a row of steps.csv and the step scalars (TensorBoard, trackers), with the throughput,
+        the share of time spent waiting for data and the mean gradient norm since the previous log point."""
         if loss is None:  # no finite loss since the last log point: the guard has warned about it
             return
         elapsed = time.perf_counter() - self.window_start
         rate = self.window_samples / elapsed if elapsed > 0 else 0.0
+        waited, grad_norm = pending.read_log_values()
         self.window_start, self.window_samples = time.perf_counter(), 0
+        state, lr = run.state, run.lr()
+        scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
         if self.bar is not None:
-            self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{run.lr():.3g}')
-        fp16 = ''
-        if run.scaler.is_enabled():
-            fp16 = (f'  loss scale {run.scaler.get_scale():.0f}, {run.state.skipped_steps_in_epoch} step(s) skipped '
-                    f'this epoch')
+            self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.3g}')
+        fp16 = f'  loss scale {scale:.0f}, {state.skipped_steps_in_epoch} step(s) skipped this epoch' if scale else ''
         if self.bar is None:
-            logs.info(f'step {run.state.step}/{run.total_steps}  loss {loss:.4f}  lr {run.lr():.3g}  '
-                      f'{rate:.0f} img/s{fp16}')
-        run.metrics.scalars(run.state.step, {'train/loss': loss, 'train/lr': run.lr(), 'train/img_per_s': rate})
+            logs.info(f'step {state.step}/{run.total_steps}  loss {loss:.4f}  lr {lr:.3g}  {rate:.0f} img/s{fp16}')
+        if not self.estimated and rate > 0:  # from the first steps, as --dry-run does before the run
+            self.estimated = True
+            remaining = run.total_steps - state.step
+            logs.info(f'at {rate:.0f} img/s the remaining {remaining} steps take about '
+                      f'{duration(remaining * run.plan.global_batch / rate)} (evaluation not included)')
+        share = min(1.0, waited / elapsed) if elapsed > 0 else None
+        run.metrics.step_row({'step': state.step, 'epoch': state.epoch + state.samples_in_epoch /
+                              run.samples_per_epoch, 'lr': lr, 'train_loss': loss, 'img_per_s': rate,
+                              'data_wait': share, 'grad_norm': grad_norm, 'loss_scale': scale})
+        run.metrics.scalars(state.step, {'train/loss': loss, 'train/lr': lr, 'train/img_per_s': rate,
+                                         'train/data_wait': share, 'train/grad_norm': grad_norm,
+                                         'train/loss_scale': scale})
 
 
 class Watch:

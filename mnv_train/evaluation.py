@@ -56,6 +56,9 @@ def evaluate_run(run) -> dict:
             result = evaluate(model, eval_set.loader, run.normalize, run.world, run.recipe.train.amp)
             for key in ('top1', 'top5', 'loss'):
                 metrics[f'{prefix}{key}{eval_set.name}'] = result[key]
+    if run.fit_check is not None:  # the raw weights on training images, prepared as the validation ones
+        metrics['train_top1'] = evaluate(run.module, run.fit_check.loader, run.normalize, run.world,
+                                         run.recipe.train.amp)['top1']
     return metrics
 
 

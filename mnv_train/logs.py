@@ -46,22 +46,33 @@ def progress(total: int, initial: int, description: str):
     return tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
 
 
-class MetricsLog:
-    """metrics.csv rewritten from the run's history (so a resumed run never shows stale rows) + TensorBoard.
+STEP_COLUMNS = ('step', 'epoch', 'lr', 'train_loss', 'img_per_s', 'data_wait', 'grad_norm', 'loss_scale')
 
-    The event file is opened at the first scalar, so a tool that builds a run and logs nothing leaves no
-    tensorboard/ folder. A run that goes back to an earlier step (resume, roll-back) calls restart_at: the next
-    event file then tells TensorBoard to drop the events the earlier files hold from that step on.
+
+class MetricsLog:
+    """The run's one metrics log: metrics.csv (one row per epoch), steps.csv (one row per log point), TensorBoard,
+    and the experiment trackers (W&B, MLflow) when the recipe names some; all of it from rank 0 only.
+
+    metrics.csv is rewritten from the run's history, so a resumed run never shows stale rows. The event file is
+    opened at the first scalar, so a tool that builds a run and logs nothing leaves no tensorboard/ folder. A run
+    that goes back to an earlier step (resume, roll-back) calls restart_at: steps.csv drops its later rows, and the
+    next event file tells TensorBoard to drop the later events of the earlier files.
     """
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer: Optional[SummaryWriter] = None
         self.purge_step: Optional[int] = None
+        self.trackers = None  # tracking.Trackers, set once the run knows whether it resumes
 
     def restart_at(self, step: int):
         self.close()
         self.purge_step = step
+        path = self.run_dir / 'steps.csv'
+        if self.enabled and path.is_file():
+            with open(path, newline='') as f:
+                kept = [row for row in csv.DictReader(f) if int(row['step']) <= step]
+            self._write_csv(path, STEP_COLUMNS, kept)
 
     def scalars(self, step: int, values: dict):
         if not self.enabled:
@@ -71,20 +82,44 @@ class MetricsLog:
         for key, value in values.items():
             if value is not None:
                 self.writer.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(step, values)
+
+    def step_row(self, row: dict):
+        """One log point's row of steps.csv (STEP_COLUMNS), appended."""
+        if not self.enabled:
+            return
+        path = self.run_dir / 'steps.csv'
+        new = not path.is_file()
+        with open(path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({key: row.get(key) for key in STEP_COLUMNS})
 
     def write_history(self, history: list[dict]):
         if not self.enabled or not history:
             return
-        columns = list(dict.fromkeys(key for row in history for key in row))
-        path = self.run_dir / 'metrics.csv'
-        tmp = path.with_name('.metrics.csv.tmp')
+        self._write_csv(self.run_dir / 'metrics.csv', list(dict.fromkeys(key for row in history for key in row)),
+                        history)
+        if self.writer is not None:
+            self.writer.flush()
+
+    @staticmethod
+    def _write_csv(path: Path, columns, rows: list[dict]):
+        tmp = path.with_name(f'.{path.name}.tmp')
         with open(tmp, 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(history)
+            writer.writerows(rows)
         tmp.replace(path)
-        if self.writer is not None:
-            self.writer.flush()
+
+    def tracker_ids(self) -> dict:
+        return self.trackers.ids() if self.trackers is not None else {}
+
+    def finish_trackers(self, files: list[Path]):
+        if self.trackers is not None:
+            self.trackers.finish(files)
 
     def close(self):
         if self.writer is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import data, device_decode
@@ -32,6 +33,20 @@ def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, ba
                                   pin_memory=world.device.type == 'cuda')
         sets.append(EvalSet(name, size, crop, loader))
     return sets
+
+
+def fit_check_set(recipe: Recipe, train_source, norm: data.Normalization, world: World,
+                  batch_size: int) -> EvalSet:
+    """A fixed, seeded subset of train.fit_check_images training images (all of them if fewer), prepared like
+    the validation images: their top-1 against validation top-1 compares like with like (the training loss
+    carries augmentation, mixup and label smoothing)."""
+    cfg, count = recipe.data, min(recipe.train.fit_check_images, len(train_source))
+    indices = sorted(np.random.default_rng(recipe.train.seed).choice(len(train_source), count, replace=False).tolist())
+    size = cfg.eval_img_size or cfg.img_size
+    dataset = data.TransformedDataset(train_source, data.eval_transform(size, cfg.crop_pct, cfg.interpolation, norm))
+    loader = data.make_loader(dataset, data.ShardSampler(count, world.rank, world.size, indices), batch_size,
+                              cfg.num_workers, drop_last=False, pin_memory=world.device.type == 'cuda')
+    return EvalSet('train', size, cfg.crop_pct, loader)
 
 
 def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: data.Normalization, world: World,

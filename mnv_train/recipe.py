@@ -175,6 +175,21 @@ class DistillConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (pip install -e '.[wandb]'); WANDB_MODE=offline is honoured."""
+    project: str = ''  # empty: off
+    entity: Optional[str] = None
+    tags: list = _f([])
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (pip install -e '.[mlflow]')."""
+    experiment: str = ''  # empty: off
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a SQLite store in the run folder
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = _f(256, ge=1)  # the batch the LR and EMA decay are stated for
     batch_size: int = _f(128, ge=1)  # per device, the most that fits in memory
@@ -198,6 +213,9 @@ class TrainConfig:
     max_bad_steps: int = _f(20, ge=1)  # consecutive non-finite losses before rolling back
     lock_stale_minutes: float = _f(10.0, gt=0)  # a run folder's lock whose heartbeat is older is taken over
     precise_bn_batches: int = _f(0, ge=0)  # recompute BN statistics over this many train batches before eval
+    fit_check_images: int = _f(10000, ge=0)  # training images evaluated like validation ones, for the fit hint
+    wandb: Optional[WandbConfig] = None  # experiment trackers, besides TensorBoard and the CSV files
+    mlflow: Optional[MlflowConfig] = None
 
 
 @dataclass

@@ -6,7 +6,6 @@ still going), so a run can be judged from its folder alone.
 from __future__ import annotations
 
 import csv
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,9 @@ from .errors import UserError
 from .optim import plan_batch, total_epochs
 from .plots import pyplot, save_figure
 
-OVERFIT_RISE = 0.05  # eval loss this far (relative) above its best while train loss still falls: overfitting
+OVERFIT_GAP = 5.0  # top-1 points training images lead validation ones by: overfitting (when growing or stuck)
+UNDERFIT_GAP = 1.0  # at most this lead: the model does not even fit its training images better
+GAP_TREND = 1.0  # points the gap must have grown since the first evaluation to count as growing
 WARMING = 'warming up'
 
 
@@ -45,6 +46,19 @@ def number(path: Path, key: str, text: Optional[str]) -> Optional[float]:
     except ValueError:
         raise UserError(f'{path}: column {key!r} holds {text!r}, not a number') from None
     return int(value) if key in ('epoch', 'step') else value
+
+
+def read_steps(run_dir: Path) -> list[dict]:
+    """steps.csv (a row per log point) as numbers; empty for runs that wrote none."""
+    path = run_dir / 'steps.csv'
+    if not path.is_file():
+        return []
+    with open(path, newline='') as f:  # epoch is fractional here: the log point's position in the run
+        try:
+            return [{key: None if value in ('', None) else float(value) for key, value in row.items()}
+                    for row in csv.DictReader(f)]
+        except ValueError as e:
+            raise UserError(f'{path}: not all numbers ({e})') from None
 
 
 def read_recipe(run_dir: Path) -> recipes.Recipe:
@@ -75,29 +89,31 @@ def ema_flags(rows: list[dict], recipe: recipes.Recipe, batch: int) -> list[bool
 # ---------------------------------------------------------------------------------------------- judgement
 
 def fit_hint(rows: list[dict]) -> str:
-    """Overfitting, still learning, or levelled off, from the eval loss (raw weights) against the train loss.
+    """Overfitting, underfitting or a good fit, from training-subset top-1 against validation top-1.
 
-    The train loss carries augmentation, mixup and label smoothing, so it is compared by its trend, not its level.
+    Both are measured the same way (the eval transform, raw weights; train_top1 comes from train.fit_check_images),
+    so their gap compares like with like, unlike the training loss, which carries augmentation, mixup and label
+    smoothing. The actions are the usual ones (e.g. PaddleClas's tuning guide): an overfitting model wants more
+    weight decay, augmentation or label smoothing; an underfitting one less of them, more epochs, or, for a small
+    model, a larger crop scale.
     """
-    evaluated = [row for row in rows if row.get('loss') is not None and math.isfinite(row['train_loss'])]
+    evaluated = [row for row in rows if row.get('top1') is not None and row.get('train_top1') is not None]
     if len(evaluated) < 2:
-        return 'too few evaluated epochs to judge the fit'
-    best = min(evaluated, key=lambda row: row['loss'])
-    last = evaluated[-1]
-    if (best is not last and last['loss'] > best['loss'] * (1 + OVERFIT_RISE)
-            and last['train_loss'] < best['train_loss']):
-        return (f'overfitting: eval loss rose from {best["loss"]:.4f} (epoch {best["epoch"] + 1}) to '
-                f'{last["loss"]:.4f} while train loss fell from {best["train_loss"]:.4f} to '
-                f'{last["train_loss"]:.4f}; use more augmentation or regularization, or checkpoints/best.pt')
-    if best is last:
-        hint = (f'underfitting: eval loss was still falling at the last epoch '
-                f'({evaluated[-2]["loss"]:.4f} -> {last["loss"]:.4f}); more epochs would likely help')
-        if last['train_loss'] > last['loss']:
-            hint += (f', and with the train loss ({last["train_loss"]:.4f}) above the eval loss, the run may be '
-                     f'more regularized than it needs')
-        return hint
-    return (f'levelled off: eval loss {last["loss"]:.4f} at the end, best {best["loss"]:.4f} '
-            f'(epoch {best["epoch"] + 1}); neither clearly overfitting nor still improving')
+        return 'too few evaluations with a training-subset top-1 (train.fit_check_images) to judge the fit'
+    first, last = evaluated[0], evaluated[-1]
+    gap, gap_before = last['train_top1'] - last['top1'], first['train_top1'] - first['top1']
+    growing = gap - gap_before >= GAP_TREND
+    still_improving = last['top1'] > max(row['top1'] for row in evaluated[:-1])
+    numbers = (f'training-subset top-1 {last["train_top1"]:.2f} against validation {last["top1"]:.2f} at epoch '
+               f'{last["epoch"] + 1}: a gap of {gap:+.2f} points, {gap_before:+.2f} at epoch {first["epoch"] + 1}')
+    if gap >= OVERFIT_GAP and (growing or not still_improving):
+        return (f'overfitting: {numbers}; regularise more (weight decay, augmentation, label smoothing, drop-path) '
+                f'or keep checkpoints/best.pt')
+    if gap <= UNDERFIT_GAP:
+        return (f'underfitting: {numbers}; the model fits its training images no better than new ones: train longer '
+                f'{"(validation top-1 still rises)" if still_improving else ""}, or regularise less (weight decay, '
+                f'augmentation, dropout), or for a small model use a larger crop scale (aug.scale)').replace('  ', ' ')
+    return f'a good fit: {numbers}; neither clearly overfitting nor underfitting'
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -106,10 +122,11 @@ def write_report(run_dir: Path) -> Path:
     """run_dir/report.md and run_dir/plots/*.png from the run folder's metrics; returns the report's path."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
+    steps = read_steps(run_dir)
     recipe = read_recipe(run_dir)
     batch = global_batch(run_dir, recipe)
     flags = ema_flags(rows, recipe, batch)
-    plots = draw_plots(run_dir / 'plots', rows, flags)
+    plots = draw_plots(run_dir / 'plots', rows, steps, flags)
     path = run_dir / 'report.md'
     path.write_text(markdown(recipe, batch, rows, flags, plots, run_dir), encoding='utf-8')
     logs.info(f'report: {path}')
@@ -134,24 +151,34 @@ def markdown(recipe: recipes.Recipe, batch: int, rows: list[dict], flags: list[b
     if any(flags):
         lines += [f'EMA numbers marked "{WARMING}" were taken while the EMA still held mostly its starting '
                   f'weights (fewer steps than its half-life): compare with the raw top-1 instead.', '']
-    header = ['epoch', 'step', 'lr', 'train loss', 'eval loss', 'gap'] + tops + (['EMA'] if recipe.ema.enabled else [])
+    header = ['epoch', 'step', 'lr', 'train loss', 'eval loss', 'train top1', 'gap'] + tops
+    header += ['EMA'] if recipe.ema.enabled else []
     lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for row, flag in zip(rows, flags):
-        gap = row['loss'] - row['train_loss'] if row.get('loss') is not None else None
+        gap = accuracy_gap(row)
         cells = [str(row['epoch'] + 1), str(row['step']), cell(row['lr'], '.3g'), cell(row['train_loss'], '.4f'),
-                 cell(row.get('loss'), '.4f'), cell(gap, '+.4f')] + [cell(row.get(key), '.2f') for key in tops]
+                 cell(row.get('loss'), '.4f'), cell(row.get('train_top1'), '.2f'), cell(gap, '+.2f')]
+        cells += [cell(row.get(key), '.2f') for key in tops]
         lines.append('| ' + ' | '.join(cells + ([WARMING if flag else ''] if recipe.ema.enabled else [])) + ' |')
-    lines += ['', 'gap: eval loss minus train loss (the train loss includes augmentation and label smoothing).', '']
+    lines += ['', 'train top1: top-1 on a fixed subset of training images, prepared like the validation images; '
+              'gap: train top1 minus top1, in points (growing: overfitting).', '']
     lines += [f'![{plot.stem}]({plot.relative_to(run_dir).as_posix()})' for plot in plots]
     return '\n'.join(lines) + '\n'
+
+
+def accuracy_gap(row: dict) -> Optional[float]:
+    if row.get('train_top1') is None or row.get('top1') is None:
+        return None
+    return row['train_top1'] - row['top1']
 
 
 def cell(value: Optional[float], spec: str) -> str:
     return '' if value is None else format(value, spec)
 
 
-def draw_plots(folder: Path, rows: list[dict], flags: list[bool]) -> list[Path]:
-    """train/eval loss, LR, top-1 (every weight and eval size) and the train-vs-eval gap, per epoch."""
+def draw_plots(folder: Path, rows: list[dict], steps: list[dict], flags: list[bool]) -> list[Path]:
+    """Loss, LR and throughput against epochs, per log point where steps.csv has them (so the warmup shows);
+    top-1 (every weight and eval size, and the training subset) and the accuracy gap, per evaluated epoch."""
     plt = pyplot()
     if plt is None:
         return []
@@ -162,37 +189,60 @@ def draw_plots(folder: Path, rows: list[dict], flags: list[bool]) -> list[Path]:
         if points:
             ax.plot(*zip(*points), marker='.', label=key, **style)
 
+    def per_step(ax, key, **style):
+        points = [(row['epoch'], row[key]) for row in steps if row.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), **style)
+        return bool(points)
+
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ('train_loss', 'loss', 'ema_loss'):
+    if not per_step(ax, 'train_loss', lw=1, color='0.6', label='train_loss per log point'):
+        series(ax, 'train_loss')
+    for key in ('loss', 'ema_loss'):
         series(ax, key)
-    ax.set(xlabel='epoch', ylabel='loss', title='train and eval loss')
+    ax.set(xlabel='epoch', ylabel='loss', title='train loss (augmented, smoothed) and eval loss')
     ax.legend()
     paths.append(save_figure(fig, folder / 'loss.png'))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    series(ax, 'lr')
-    ax.set(xlabel='epoch', ylabel='learning rate', title='LR at the end of each epoch')
+    if per_step(ax, 'lr', marker='.', ms=3):
+        ax.set(xlabel='epoch', ylabel='learning rate', title='LR at every log point (warmup included)')
+    else:
+        series(ax, 'lr')
+        ax.set(xlabel='epoch', ylabel='learning rate', title='LR at the end of each epoch')
     paths.append(save_figure(fig, folder / 'lr.png'))
+
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        per_step(ax, 'img_per_s', color='C0', label='img/s')
+        ax.set(xlabel='epoch', ylabel='images per second', title='throughput and time waiting for data')
+        wait = ax.twinx()
+        per_step(wait, 'data_wait', color='C1', ls='--', label='data wait (share)')
+        wait.set(ylabel='share of time waiting for data', ylim=(0, 1))
+        fig.legend(loc='lower right')
+        paths.append(save_figure(fig, folder / 'throughput.png'))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     keys = top1_columns(rows[0])
     sizes = sorted({key.split('top1', 1)[1] for key in keys})  # raw and EMA at one eval size share a colour
     for key in keys:
         series(ax, key, color=f'C{sizes.index(key.split("top1", 1)[1])}', ls='--' if key.startswith('ema_') else '-')
+    series(ax, 'train_top1', color='0.4', ls=':')
     warming = [e for e, flag in zip(epochs, flags) if flag]
     if warming:
         ax.axvspan(0.5, max(warming) + 0.5, color='0.85', label=f'EMA {WARMING}')
-    ax.set(xlabel='epoch', ylabel='top-1 (%)', title='eval top-1')
+    ax.set(xlabel='epoch', ylabel='top-1 (%)', title='eval top-1 (and on training images, dotted)')
     ax.legend()
     paths.append(save_figure(fig, folder / 'top1.png'))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    gaps = [(e, row['loss'] - row['train_loss']) for e, row in zip(epochs, rows) if row.get('loss') is not None]
+    gaps = [(e, accuracy_gap(row)) for e, row in zip(epochs, rows) if accuracy_gap(row) is not None]
     if gaps:
         ax.plot(*zip(*gaps), marker='.')
     ax.axhline(0, color='0.5', lw=0.8)
-    ax.set(xlabel='epoch', ylabel='eval loss - train loss', title='train-vs-eval gap (rising: overfitting)')
+    ax.set(xlabel='epoch', ylabel='train top-1 - top-1 (points)', title='train-vs-validation gap (growing: '
+           'overfitting)')
     paths.append(save_figure(fig, folder / 'gap.png'))
     return paths
 

@@ -67,6 +67,7 @@ def capture(run) -> tuple[dict, dict]:
                  'accum_steps': run.plan.accum_steps, 'global_batch': run.plan.global_batch},
         # the teacher's path and sha256, not its weights
         'distill': run.distillation.record() if run.distillation is not None else None,
+        'trackers': run.metrics.tracker_ids(),  # W&B / MLflow run ids, continued on resume
     }
     last = run.state.history[-1] if run.state.history else {}
     manifest = {'step': run.state.step, 'epoch': run.state.epoch, 'samples_seen': run.state.samples_seen,
@@ -134,7 +135,8 @@ OBSERVING_KEYS = ('name', 'description', 'provenance.*', 'schedule.epochs', 'dat
                   'data.synthetic_val_size', 'data.max_bad_fraction', 'model.pretrained_path', 'train.batch_size',
                   'train.log_every', 'train.eval_every', 'train.keep_checkpoints', 'train.keep_best_checkpoints',
                   'train.checkpoint_every_steps', 'train.checkpoint_every_minutes', 'train.max_bad_steps',
-                  'train.lock_stale_minutes')
+                  'train.lock_stale_minutes', 'train.wandb', 'train.wandb.*', 'train.mlflow', 'train.mlflow.*',
+                  'train.fit_check_images')
 
 
 def flatten(section: dict, prefix: str = '') -> dict[str, Any]:

@@ -24,10 +24,10 @@ def test_fp16_steps_the_loss_scaler_skips_are_counted_and_the_schedule_still_adv
     watch = Watch(run, StopFlag())
     before = {k: v.clone() for k, v in run.module.state_dict().items()}
     set_gradients(run, float('inf'))
-    watch.pending.record_update(optimizer_step(run))
+    watch.pending.record_update(*optimizer_step(run))
     assert all(torch.equal(v, before[k]) for k, v in run.module.state_dict().items() if 'running' not in k)
     set_gradients(run, 1e-3)
-    watch.pending.record_update(optimizer_step(run))
+    watch.pending.record_update(*optimizer_step(run))
     sync(run, watch)
     assert run.state.skipped_steps_in_epoch == 1 and run.state.step == 2
     assert run.scaler.get_scale() == 512.0  # halved once, for the skipped step

@@ -15,6 +15,7 @@ from mnv_train.report import fit_hint, main, write_report
 from conftest import REPO, TINY, merge
 
 PLOTS = ('loss.png', 'lr.png', 'top1.png', 'gap.png')
+STEP_PLOTS = PLOTS + ('throughput.png',)  # from steps.csv, which training writes
 
 
 def assert_png(path):
@@ -54,10 +55,12 @@ def test_training_ends_with_a_report_that_shows_every_eval_size(write_recipe, tm
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
     report = (out / 'report.md').read_text()
     header = table(report)[0]
-    assert header[:6] == ['epoch', 'step', 'lr', 'train loss', 'eval loss', 'gap']
-    assert header[6:] == ['top1', 'top1@40', 'ema_top1', 'ema_top1@40', 'EMA']
+    assert header[:7] == ['epoch', 'step', 'lr', 'train loss', 'eval loss', 'train top1', 'gap']
+    assert header[7:] == ['top1', 'top1@40', 'ema_top1', 'ema_top1@40', 'EMA']
     assert '- best top1@40:' in report
-    for name in PLOTS:
+    first = table(report)[1]
+    assert float(first[6]) == pytest.approx(float(first[5]) - float(first[7]), abs=0.011)  # train top1 - top1
+    for name in STEP_PLOTS:
         assert_png(out / 'plots' / name)
         assert f'](plots/{name})' in report
 
@@ -69,7 +72,7 @@ def test_report_marks_ema_warming_up_and_reads_the_run_global_batch(tmp_path):
     assert rows[1]['step'] < warm < rows[2]['step']
     cells = table(write_report(folder).read_text())
     assert [line[-1] for line in cells[1:]] == ['warming up', 'warming up', '']
-    assert cells[1][5] == '-0.1000'  # gap: eval loss - train loss
+    assert cells[1][5:7] == ['', '']  # no training-subset top-1 in these rows: no gap
 
     # run at global batch 128 instead of the recipe's 32: decay 0.99 ** 4 per step, half-life 17.3 steps
     rows = [row(0, 4, 1.4, 1.3, 40.0, 25.0), row(1, 20, 1.2, 1.1, 55.0, 30.0)]
@@ -80,15 +83,27 @@ def test_report_marks_ema_warming_up_and_reads_the_run_global_batch(tmp_path):
     assert [line[-1] for line in table(report)[1:]] == ['warming up', '']
 
 
-def test_fit_hints():
-    overfit = [row(0, 4, 1.4, 1.0, 50.0, 50.0), row(1, 8, 1.0, 0.8, 60.0, 60.0), row(2, 12, 0.6, 0.95, 58.0, 58.0)]
-    assert fit_hint(overfit).startswith('overfitting: eval loss rose from 0.8000 (epoch 2) to 0.9500')
-    improving = [row(0, 4, 1.4, 1.2, 50.0, 50.0), row(1, 8, 1.2, 1.0, 60.0, 60.0)]
-    assert fit_hint(improving).startswith('underfitting: eval loss was still falling at the last epoch')
-    assert 'more regularized than it needs' in fit_hint(improving)
-    level = [row(0, 4, 1.4, 1.0, 50.0, 50.0), row(1, 8, 1.0, 0.8, 60.0, 60.0), row(2, 12, 0.9, 0.81, 60.0, 60.0)]
-    assert fit_hint(level).startswith('levelled off')
-    assert fit_hint(level[:1]) == 'too few evaluated epochs to judge the fit'
+def fitted(val, train):
+    """Evaluated epochs with these validation and training-subset top-1 values."""
+    return [row(e, 4 * (e + 1), 1.4 - 0.1 * e, 1.0, v, v, train_top1=t) for e, (v, t) in enumerate(zip(val, train))]
+
+
+def test_fit_hint_compares_training_and_validation_accuracy_measured_alike():
+    overfit = fitted([70.0, 78.0, 79.0, 78.5], [72.0, 84.0, 90.0, 95.0])
+    hint = fit_hint(overfit)
+    assert hint.startswith('overfitting: training-subset top-1 95.00 against validation 78.50 at epoch 4: a gap '
+                           'of +16.50 points, +2.00 at epoch 1')
+    assert 'weight decay, augmentation, label smoothing' in hint
+    underfit = fitted([60.0, 70.0, 75.0], [59.5, 70.2, 75.4])  # as good on new images as on its own
+    hint = fit_hint(underfit)
+    assert hint.startswith('underfitting:') and 'validation top-1 still rises' in hint
+    assert 'regularise less' in hint and 'larger crop scale' in hint
+    good = fitted([70.0, 80.0, 85.0], [72.0, 83.0, 88.0])
+    assert fit_hint(good).startswith('a good fit: training-subset top-1 88.00 against validation 85.00')
+    # the old hint called a healthy short run "more regularized than it needs" from losses measured differently
+    healthy = [row(0, 4, 1.4, 0.5, 85.0, 85.0, train_top1=87.5), row(1, 8, 1.2, 0.45, 87.0, 87.0, train_top1=90.0)]
+    assert fit_hint(healthy).startswith('a good fit')
+    assert fit_hint(good[:1]).startswith('too few evaluations with a training-subset top-1')
 
 
 def test_report_cli_on_a_run_folder(tmp_path, capsys):
