@@ -58,8 +58,10 @@ if [ "$tiny" = 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   mode=gpu out=${GPU_CHECK_OUT:-benchmarks/results/gpu} budget=${BUDGET_S:-450} workers=${WORKERS:-16}
-  # enough images for 20 timed + 5 warm-up steps of 256 in one epoch; batches that fit an 80 GB H100
-  n_train=7000 n_val=256 classes=10 jobs=$(nproc) steps=20 warmup=5
+  # batches that fit an 80 GB H100. 16 workers x prefetch 4 hold 64 batches: the warm-up must outlast them (the
+  # first run, 7000 images and 5 warm-up steps, timed batches prefetched before the clock started), and one epoch
+  # must hold warm-up + timed steps of 256
+  n_train=40000 n_val=256 classes=10 jobs=$(nproc) steps=40 warmup=70
   small=(--img-size 224 --batch-size 256)
   large=(--img-size 384 --batch-size 128)
   compiled_env=()

@@ -91,6 +91,7 @@ class MetricsLog:
             return
         path = self.run_dir / 'steps.csv'
         new = not path.is_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, 'a', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
             if new:

@@ -196,11 +196,13 @@ def test_fused_adamw_steps_like_the_unfused_one_on_the_same_gradients(measured):
         # |fused - unfused| <= 1e-8 + 1e-6 |weight|, as torch.testing.assert_close(atol=1e-8, rtol=1e-6): both do the
         # same float32 arithmetic in another order, so they round now and then differently, by an ulp of the weight
         # (1e-6 is 8 ulps) or of an update of ~lr (1e-8 is 40 ulps of 0.002). Weight decay left out would differ by
-        # 1e-4 of the weight after 5 steps, a wrong bias correction by ~lr.
+        # 1e-4 of the weight after 5 steps, a wrong bias correction by ~lr. Measured on an H200 (2026-11-26): 1.48,
+        # a few ulps more than the guess of 1: where an Adam moment is tiny, the update's division magnifies a
+        # rounding difference. The bound is 10 (1e-5 of the weight), still 10x below what weight decay left out gives.
         gap = max(float(((a - b).abs() / (1e-8 + 1e-6 * b.abs())).max()) for a, b in pairs)
     assert moved > 1e-3, 'the optimizers did not move the weights: the comparison would prove nothing'
     assert measured('fused vs unfused AdamW after 5 steps, max |difference| / (1e-8 + 1e-6 |weight|)', gap,
-                    '<= 1') <= 1
+                    '<= 10') <= 10
 
 
 # ---------------------------------------------------------------------------------------------- prefetch

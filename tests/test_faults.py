@@ -53,7 +53,7 @@ class Output:
                     if text in line:
                         return arrived, line
                 assert time.monotonic() < deadline, f'{text!r} never appeared in:\n' + '\n'.join(
-                    line for _, line in self.lines[-30:])
+                    line for _, line in self.lines)
                 self.changed.wait(1)
 
 

@@ -10,7 +10,7 @@ from mnv_train import recipe as recipes
 
 from conftest import REPO
 
-OPTIONAL_HEAVY = {'matplotlib', 'onnxruntime'}  # the only imports allowed inside a function
+OPTIONAL_HEAVY = {'matplotlib', 'onnxruntime', 'wandb', 'mlflow'}  # the only imports allowed inside a function
 
 
 def test_the_import_graph_has_no_cycle_and_no_package_import_inside_a_function():
