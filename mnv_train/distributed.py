@@ -113,10 +113,19 @@ def init(device: str = 'auto') -> World:
     if size > 1:
         if not dist.is_initialized():
             backend = 'nccl' if use_cuda else 'gloo'
-            dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                    **({'device_id': dev} if use_cuda else {}))
+            timeout = timedelta(minutes=30)
+            dist.init_process_group(backend, store=attempt_store(rank, size, timeout), rank=rank, world_size=size,
+                                    timeout=timeout, **({'device_id': dev} if use_cuda else {}))
         control = dist.new_group(backend='gloo') if use_cuda else dist.group.WORLD
     return World(rank=rank, size=size, local_rank=local_rank, device=dev, control=control)
+
+
+def attempt_store(rank: int, size: int, timeout: timedelta) -> dist.Store:
+    """torch's env:// store, with keys private to this torchrun attempt. torchrun keeps one agent store across
+    restarts, so without the prefix a restarted rank can read the previous attempt's gloo address of its peer
+    and fail with "Connection refused" (about one restart in two on this machine)."""
+    store, _, _ = next(dist.rendezvous('env://', rank=rank, world_size=size, timeout=timeout))
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def stop_with_parent():

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,20 @@ def test_a_checkpoint_with_more_cuda_generator_states_than_gpus_loads(monkeypatc
     assert 'cuda' not in state  # reseeded every micro-step, so never saved
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda _states: pytest.fail('restored CUDA states'))
     resume.set_rng_state({**state, 'cuda': [torch.zeros(16, dtype=torch.uint8)] * 8})  # from an 8-GPU node
+
+
+def test_each_torchrun_attempt_has_its_own_store_keys(monkeypatch):
+    """A restarted rank must not read its peer's address from the previous attempt (torchrun keeps one store)."""
+    host = torch.distributed.TCPStore('127.0.0.1', 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(host.port))
+    monkeypatch.setenv('TORCHELASTIC_USE_AGENT_STORE', 'True')
+    timeout = timedelta(seconds=5)
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    first = distributed.attempt_store(0, 1, timeout)
+    first.set('rank_0_address', 'stale')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    second = distributed.attempt_store(0, 1, timeout)
+    assert not second.check(['rank_0_address'])
+    second.set('rank_0_address', 'fresh')
+    assert first.get('rank_0_address') == b'stale'

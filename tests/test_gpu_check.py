@@ -137,3 +137,15 @@ def test_pytest_counts_come_from_the_log_when_pytest_was_stopped_before_its_xml(
 def test_timeout_exit_codes_read_as_timed_out():
     assert [gpu_summary.step_status(rc) for rc in (0, 1, 2, 124, 137)] == ['ok', 'failed', 'failed', 'timed_out',
                                                                          'timed_out']
+
+
+def test_steps_named_in_skip_are_not_run_and_do_not_fail_the_check(tmp_path):
+    skipped = ('pytest_cuda bench_conv_small_224_host bench_conv_small_224_device bench_hybrid_large_384_eager fmnist '
+               'bench_hybrid_large_384_compiled')
+    result = run_check('--tiny', timeout=300, GPU_CHECK_OUT=str(tmp_path / 'out'), SKIP=skipped)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())
+    statuses = {step['name']: step['status'] for step in report['steps']}
+    assert statuses == {'images': 'ok', 'timm_conv_small_224': 'not_requested',
+                        **{name: 'not_requested' for name in skipped.split()}}
+    assert not (tmp_path / 'out' / 'logs' / 'pytest_cuda.log').exists()
