@@ -62,6 +62,12 @@ class Run:
     def samples_per_epoch(self) -> int:
         return self.steps_per_epoch * self.plan.global_batch
 
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer updates, for gradient clipping: the model's, then feature distillation's
+        projection."""
+        projection = self.distillation.projection if self.distillation is not None else None
+        return [*self.module.parameters(), *(projection.parameters() if projection is not None else [])]
+
     def autocast(self):
         return models.autocast(self.recipe.train.amp, self.world.device)
 

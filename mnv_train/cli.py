@@ -81,9 +81,9 @@ def train_main(argv: Optional[list[str]] = None) -> int:
             logs.summary(f'stopped at step {run.state.step} ({e}); checkpoint saved in {run_dir / "checkpoints"}; '
                          f'continue with --resume auto --output {run_dir}')
             return 0
-    if world.is_main:
-        report = write_report(run_dir)
-        run.metrics.finish_trackers([report, *sorted((run_dir / 'plots').glob('*.png'))])
+        if world.is_main:
+            report = write_report(run_dir)
+            run.metrics.finish_trackers([report, *sorted((run_dir / 'plots').glob('*.png'))])
     best = run.state.best_top1
     logs.summary(f'done: best top-1 {best:.2f} (epoch {run.state.best_epoch + 1}); checkpoints in '
                  f'{run_dir / "checkpoints"}' if best is not None else 'done')

@@ -183,9 +183,9 @@ def optimizer_step(run: Run) -> tuple[Optional[torch.Tensor], Optional[torch.Ten
     if clip.clip_grad is not None:
         run.scaler.unscale_(run.optimizer)
         if clip.clip_mode == 'norm':  # what dispatch_clip_grad does for 'norm', keeping the norm it computes
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), clip.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.trained_parameters(), clip.clip_grad)
         else:
-            dispatch_clip_grad(run.module.parameters(), clip.clip_grad, mode=clip.clip_mode)
+            dispatch_clip_grad(run.trained_parameters(), clip.clip_grad, mode=clip.clip_mode)
     # GradScaler keeps its scale on the device and lowers it exactly when it skips a step; comparing there
     # avoids reading it back (a sync) every step
     scale_before = run.scaler._scale.clone() if run.scaler.is_enabled() else None

@@ -67,7 +67,7 @@ class MetricsLog:
 
     def restart_at(self, step: int):
         self.close()
-        self.purge_step = step
+        self.purge_step = step + 1  # TensorBoard hides events at purge_step and after: the checkpoint step stays
         path = self.run_dir / 'steps.csv'
         if self.enabled and path.is_file():
             with open(path, newline='') as f:

@@ -211,7 +211,8 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(0, ge=0)  # 0: only at epoch ends
     checkpoint_every_minutes: float = _f(0.0, ge=0)
     max_bad_steps: int = _f(20, ge=1)  # consecutive non-finite losses before rolling back
-    lock_stale_minutes: float = _f(10.0, gt=0)  # a run folder's lock whose heartbeat is older is taken over
+    lock_stale_minutes: float = _f(10.0, ge=10)  # a lock whose heartbeat is older is taken over; below 10
+    # minutes an evaluation, a compile or another host's clock could make a live job's lock look stale
     precise_bn_batches: int = _f(0, ge=0)  # recompute BN statistics over this many train batches before eval
     fit_check_images: int = _f(10000, ge=0)  # training images evaluated like validation ones, for the fit hint
     wandb: Optional[WandbConfig] = None  # experiment trackers, besides TensorBoard and the CSV files

@@ -128,10 +128,17 @@ class RunLock:
         return now - holder.heartbeat > self.stale_seconds
 
     def heartbeat(self):
-        """Rewrites the heartbeat, at most every HEARTBEAT_SECONDS (cheap to call at every step)."""
+        """Rewrites the heartbeat, at most every HEARTBEAT_SECONDS (cheap to call at every step). A lock taken over
+        meanwhile (--force-unlock, or a heartbeat left too old) is a UserError: two jobs must not write one folder."""
         now = time.time()
         if self.holder is None or now - self.last_beat < HEARTBEAT_SECONDS:
             return
+        current = self.read()
+        if current is None or (current.host, current.pid) != (self.holder.host, self.holder.pid):
+            self.holder = None  # not ours any more: never write into another job's lock or folder
+            who = current.describe(now) if current is not None else 'nobody (the lock file is gone)'
+            raise UserError(f'{self.path.parent}: this job lost its lock, now held by {who} (--force-unlock?); '
+                            f'stopping without saving so that the folder keeps one writer')
         self.holder.heartbeat, self.last_beat = now, now
         tmp = self.path.with_name(f'{LOCK_NAME}.beat-{os.getpid()}')
         tmp.write_text(json.dumps(asdict(self.holder)))

@@ -125,3 +125,20 @@ def test_a_bad_teacher_is_one_line_naming_it(changes, culprit, write_recipe, tmp
     assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and culprit.format(tmp=tmp_path, teacher=teacher) in err, err
+
+
+def test_gradient_clipping_covers_the_projection_of_feature_distillation(write_recipe, tmp_path, teacher):
+    recipe = recipes.load(str(write_recipe(merge(kd(teacher, type='feature', loss='mse'),
+                                                 {'model': {'name': 'mobilenetv3_small_100'},
+                                                  'optim': {'clip_grad': 1e-3, 'clip_mode': 'norm'}}))))
+    run = build_run(recipe, distributed.init('cpu'), tmp_path / 'run')
+    projection = list(run.distillation.projection.parameters())
+    trained = {id(p) for group in run.optimizer.param_groups for p in group['params']}
+    assert {id(p) for p in run.trained_parameters()} == trained and {id(p) for p in projection} <= trained
+    images, targets = fixed_batch(run)
+    run.loss(images, targets).backward()
+    before = torch.stack([p.grad.norm() for p in run.trained_parameters() if p.grad is not None]).norm()
+    assert before > 1e-2  # far above the clip: the step must scale every gradient down, the projection's too
+    clipped = torch.nn.utils.clip_grad_norm_(run.trained_parameters(), 1e-3)
+    assert torch.isclose(clipped, before)
+    assert torch.stack([p.grad.norm() for p in run.trained_parameters() if p.grad is not None]).norm() <= 1.01e-3

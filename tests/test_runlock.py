@@ -107,6 +107,32 @@ def test_force_unlock_takes_over_a_live_lock_with_a_warning(write_recipe, tmp_pa
     assert 'took over the forced lock of' in capsys.readouterr().err
 
 
+def test_a_job_whose_lock_was_taken_over_stops_at_its_next_heartbeat_without_writing_it(tmp_path):
+    first = RunLock(tmp_path / 'run', stale_minutes=10)
+    first.acquire()
+    assert RunLock(tmp_path / 'run', stale_minutes=10).acquire(force=True).startswith('took over the forced lock')
+    write_lock(tmp_path / 'run', 'node17', 4242, heartbeat_age=1)  # the new holder, as another host would write it
+    first.last_beat = 0  # its heartbeat is due
+    with pytest.raises(UserError, match=r'lost its lock, now held by pid 4242 on node17'):
+        first.heartbeat()
+    assert json.loads((tmp_path / 'run' / LOCK_NAME).read_text())['pid'] == 4242  # left as the new holder wrote it
+    first.release()
+    assert (tmp_path / 'run' / LOCK_NAME).exists()
+
+
+def test_the_lock_is_held_while_the_report_is_written(write_recipe, tmp_path, monkeypatch):
+    from mnv_train import cli
+    held = []
+
+    def write_report(run_dir):
+        held.append((run_dir / LOCK_NAME).exists())
+        return original(run_dir)
+    original = cli.write_report
+    monkeypatch.setattr(cli, 'write_report', write_report)
+    assert train_main(['--recipe', str(write_recipe()), '--output', str(tmp_path / 'run'), '--quiet']) == 0
+    assert held == [True] and not (tmp_path / 'run' / LOCK_NAME).exists()
+
+
 def test_validate_reads_a_checkpoint_of_a_locked_run_folder(write_recipe, tmp_path):
     out = tmp_path / 'run'
     assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet']) == 0

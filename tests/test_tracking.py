@@ -107,3 +107,13 @@ def test_a_tracker_that_cannot_start_stops_the_run_before_it_trains(write_recipe
         err.splitlines()) == 1
     assert not (tmp_path / 'run' / 'checkpoints').exists()
     assert os.listdir(tmp_path / 'run') == ['recipe.yaml']  # announced, nothing trained
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume_the_checkpoint_step_included(write_recipe, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    recipe, out = write_recipe(LONGER), tmp_path / 'run'
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '12']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
+    events = EventAccumulator(str(out / 'tensorboard'), purge_orphaned_data=True)
+    events.Reload()
+    assert [event.step for event in events.Scalars('train/loss')] == list(range(2, 17, 2))
