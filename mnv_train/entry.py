@@ -48,7 +48,8 @@ def check_creatable(path: Path, what: str) -> Path:
 
 
 def guarded(main):
-    """Run a CLI entry point: a UserError prints one line and exits 2; Ctrl-C exits 130 without a traceback."""
+    """Run a CLI entry point: a UserError prints one line and exits 2; Ctrl-C exits 130 and a closed output pipe
+    1, without a traceback."""
     def wrapper(argv: Optional[list[str]] = None) -> int:
         try:
             return main(argv) or 0
@@ -58,6 +59,9 @@ def guarded(main):
         except KeyboardInterrupt:
             print('interrupted', file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Python's docs advise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 1
         finally:
             distributed.shutdown()
     wrapper.__doc__ = main.__doc__

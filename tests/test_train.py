@@ -1,6 +1,9 @@
 """End to end through train.py / validate.py on tiny synthetic data."""
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch
 from mnv_train import checkpoint
 from mnv_train.cli import train_main, validate_main
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def final_weights(run_dir):
@@ -77,6 +80,15 @@ def test_print_and_list_recipes(write_recipe, capsys):
     assert 'lr: 0.01' in out and '# batch plan' in out
     assert train_main(['--list-recipes']) == 0
     assert 'fmnist_mnv4_conv_small' in capsys.readouterr().out
+
+
+def test_a_reader_that_closed_the_pipe_ends_the_listing_without_a_traceback():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `train.py --list-recipes | head -1` once head has exited
+    result = subprocess.run([sys.executable, str(REPO / 'train.py'), '--list-recipes'], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write_end)
+    assert result.returncode == 1 and result.stderr == ''
 
 
 @pytest.mark.parametrize('args, message', [
