@@ -142,3 +142,15 @@ def test_gradient_clipping_covers_the_projection_of_feature_distillation(write_r
     clipped = torch.nn.utils.clip_grad_norm_(run.trained_parameters(), 1e-3)
     assert torch.isclose(clipped, before)
     assert torch.stack([p.grad.norm() for p in run.trained_parameters() if p.grad is not None]).norm() <= 1.01e-3
+
+
+def test_a_teacher_given_as_a_safetensors_file_gets_the_weights_of_its_checkpoint(write_recipe, tmp_path, teacher):
+    from safetensors.torch import save_file
+    payload = checkpoint.load(teacher, needs=('model',))
+    path = tmp_path / 'teacher.safetensors'
+    save_file({key: value.contiguous() for key, value in (payload.get('ema') or payload['model']).items()}, str(path))
+    teachers = [build_run(recipes.load(str(write_recipe(kd(source)))), distributed.init('cpu'),
+                          tmp_path / name).distillation.teacher for source, name in ((teacher, 'a'), (path, 'b'))]
+    assert teachers[1].sha256 == file_sha256(path) and teachers[1].img_size == teachers[0].img_size
+    first, second = (t.module.state_dict() for t in teachers)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
