@@ -134,11 +134,12 @@ class RunLock:
         if self.holder is None or now - self.last_beat < HEARTBEAT_SECONDS:
             return
         current = self.read()
-        if current is None or (current.host, current.pid) != (self.holder.host, self.holder.pid):
+        if current is None:
+            return  # unreadable for now (a network file system's hiccup): beat next time
+        if not self.holds(current):
             self.holder = None  # not ours any more: never write into another job's lock or folder
-            who = current.describe(now) if current is not None else 'nobody (the lock file is gone)'
-            raise UserError(f'{self.path.parent}: this job lost its lock, now held by {who} (--force-unlock?); '
-                            f'stopping without saving so that the folder keeps one writer')
+            raise UserError(f'{self.path.parent}: this job lost its lock, now held by {current.describe(now)} '
+                            f'(--force-unlock?); stopping without saving so that the folder keeps one writer')
         self.holder.heartbeat, self.last_beat = now, now
         tmp = self.path.with_name(f'{LOCK_NAME}.beat-{os.getpid()}')
         tmp.write_text(json.dumps(asdict(self.holder)))
@@ -148,6 +149,10 @@ class RunLock:
         """Removes the lock if it is still ours (a --force-unlock may have taken it)."""
         if self.holder is not None:
             current = self.read()
-            if current is not None and (current.host, current.pid) == (self.holder.host, self.holder.pid):
+            if current is not None and self.holds(current):
                 self.path.unlink(missing_ok=True)
             self.holder = None
+
+    def holds(self, current: Holder) -> bool:
+        """Whether the lock file's holder is this job."""
+        return (current.host, current.pid) == (self.holder.host, self.holder.pid)
