@@ -8,6 +8,7 @@ file, appended to it as one JSON line, so that a single GPU run tells how much r
 from __future__ import annotations
 
 import copy
+import csv
 import io
 import json
 import math
@@ -144,8 +145,12 @@ def test_bf16_and_fp16_train_to_finite_losses_near_fp32_and_fp16_saves_its_loss_
     # step 9 then runs twice from that checkpoint, in fp16 and in fp32: both of its micro-batches see the same
     # weights, so the gap is fp16's own rounding (11 bits of mantissa). Steps after it are not compared: this tiny
     # network amplifies any difference several times a step (fp16 vs fp32 over steps 9-11 on CPU: 0.7 to 3.5 %).
-    settled = train_on_gpu(recipe, tmp_path / 'fp16', '--max-steps', 8, '--set', 'train.amp=fp16')
+    settled = train_on_gpu(recipe, tmp_path / 'fp16', '--max-steps', 8, '--set', 'train.amp=fp16',
+                           '--set', 'train.log_every=2')
     scaler = settled['scaler']
+    with open(tmp_path / 'fp16' / 'steps.csv', newline='') as f:
+        scales = [row['loss_scale'] for row in csv.DictReader(f)]
+    assert len(scales) == 4 and all(0 < float(s) < math.inf for s in scales), scales  # steps.csv shows the scale
     assert scaler, 'the fp16 checkpoint holds no GradScaler state'
     assert 0 < measured('fp16 loss scale in the checkpoint after 8 steps', scaler['scale'], '> 0, finite') < math.inf
     assert measured('fp16 steps the loss scaler skipped in the first 8', settled['state']['skipped_steps_in_epoch'],
