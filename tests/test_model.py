@@ -30,3 +30,7 @@ def test_sync_batchnorm_comes_before_freezing_and_the_ema_copy(write_recipe):
     assert isinstance(module.bn1, torch.nn.SyncBatchNorm) and finetune.has_frozen_statistics(module.bn1)
     ema = create_ema(module, plan_batch(recipe, 1), recipe)
     assert type(ema.module.bn1) is type(module.bn1) and isinstance(ema.module.bn1.act, torch.nn.Module)
+    frozen = {name: buffer.clone() for name, buffer in module.bn1.named_buffers()}
+    module.train()(torch.randn(4, 3, 32, 32))  # a training step's forward: frozen statistics must not move
+    assert all(torch.equal(frozen[name], buffer) for name, buffer in module.bn1.named_buffers())
+    assert not torch.equal(module.blocks[0][0].bn1.running_mean, torch.zeros_like(module.blocks[0][0].bn1.running_mean))
