@@ -10,7 +10,7 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 mkdir -p "$out"
 {
-  echo "CPU: $(bash benchmarks/cpu_name.sh), $(nproc) cores; $(date -u +%Y-%m-%d)"
+  echo "CPU: $(bash benchmarks/cpu_name.sh), $(nproc --all) cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}; $(date -u +%Y-%m-%d)"
   echo
   echo '| recipe | dry-run wall time (s) | estimated step time |'
   echo '|---|---|---|'
