@@ -360,14 +360,30 @@ class DeviceNormalize:
                 skipped)
 
 
+def loader_batches(loader):
+    """The loader's batches. A worker killed while it hands a batch over (its shared memory travels through
+    multiprocessing's fd sharing) surfaces as ConnectionResetError; asked once more, the loader notices the dead
+    worker and raises its usual RuntimeError naming it, which the loop reports in one line."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ConnectionError as lost:
+            next(batches, None)
+            raise RuntimeError(f'DataLoader worker (pid unknown) lost a batch ({lost})') from lost
+        yield batch
+
+
 def device_batches(loader, normalize: DeviceNormalize):
     """(images, labels, skipped) batches, normalised on the device. On CUDA the next batch is copied and
     normalised on a side stream while the current one computes."""
     if normalize.device.type != 'cuda':
-        yield from map(normalize, loader)
+        yield from map(normalize, loader_batches(loader))
         return
     stream, ready = torch.cuda.Stream(), None
-    for batch in loader:
+    for batch in loader_batches(loader):
         with torch.cuda.stream(stream):
             upcoming = normalize(batch)
         if ready is not None:

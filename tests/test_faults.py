@@ -10,12 +10,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from mnv_train import checkpoint
 from mnv_train.cli import train_main
-from mnv_train.data import MAX_CONSECUTIVE_BAD
+from mnv_train.data import MAX_CONSECUTIVE_BAD, loader_batches
 
 from conftest import REPO, merge
 
@@ -199,6 +200,33 @@ def test_a_killed_loader_worker_is_named_and_the_last_step_saved(write_recipe, t
     assert f'--resume auto --output {out}' in line
     saved = int(line.split('step ')[1].split(' ')[0])
     assert saved >= 2 and last(out)['state']['step'] == saved
+
+
+class LoaderWhoseWorkerDiesMidHandover:
+    """What a DataLoader iterator does when kill -9 hits a worker while it hands a batch over: the fd transfer
+    fails with ConnectionResetError, and the next request raises the loader's own report naming the worker."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls == 1:
+            return 'batch 0'
+        if self.calls == 2:
+            raise ConnectionResetError(104, 'Connection reset by peer')
+        raise RuntimeError('DataLoader worker (pid 4242) is killed by signal: Killed. ')
+
+
+def test_a_worker_killed_while_handing_over_a_batch_is_reported_like_any_dead_worker():
+    loader = LoaderWhoseWorkerDiesMidHandover()
+    batches = loader_batches(loader)
+    assert next(batches) == 'batch 0'
+    with pytest.raises(RuntimeError, match=r'^DataLoader worker \(pid 4242\) is killed by signal'):
+        next(batches)  # the message the loop turns into its one line, never a ConnectionResetError traceback
 
 
 # ---------------------------------------------------------------------------------------------- elastic restarts
