@@ -2,6 +2,7 @@ import gzip
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,12 @@ def tiny_fmnist(tmp_path):
 def pytest_configure(config):
     config.addinivalue_line('markers', 'cuda: needs a CUDA device; skipped without one (benchmarks/gpu_check.sh runs '
                                        'them with pytest -m cuda)')
+
+
+def wait_for(path: Path, process, timeout=300):
+    """Until a file appears (a checkpoint's manifest, say), while the process that writes it still runs."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f'{path} never appeared'
+        time.sleep(0.01)

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_resume import LONGER, start_training, wait_for
+from test_resume import LONGER, start_training
 
 from mnv_train import checkpoint, data, device_decode, distributed
 from mnv_train import model as models
@@ -36,7 +36,7 @@ from mnv_train.cli import train_main
 from mnv_train.optim import create_optimizer
 from mnv_train.recipe import AugConfig
 
-from conftest import REPO, TINY, merge
+from conftest import REPO, TINY, merge, wait_for
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 

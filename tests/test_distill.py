@@ -4,7 +4,7 @@ import signal
 
 import pytest
 import torch
-from test_resume import start_training, wait_for
+from test_resume import start_training
 
 from mnv_train import checkpoint, distributed
 from mnv_train import recipe as recipes
@@ -14,7 +14,7 @@ from mnv_train.data import device_batches
 from mnv_train.distill import file_sha256
 from mnv_train.engine import StopFlag, Watch, train_one_epoch
 
-from conftest import ONE_EPOCH, merge, train_tiny
+from conftest import ONE_EPOCH, merge, train_tiny, wait_for
 
 
 @pytest.fixture(scope='module')

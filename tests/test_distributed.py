@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from mnv_train import checkpoint, distributed, resume
 from mnv_train.cli import train_main, validate_main
 from mnv_train.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, wait_for
 
 
 def torchrun_command(*args, nproc=2, restarts=0):
@@ -110,14 +109,6 @@ def test_asking_for_cuda_without_one_is_a_user_error(device):
 def start_torchrun(*args, restarts=0):
     return subprocess.Popen(torchrun_command(*args, restarts=restarts), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path, process, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f'{path} never appeared'
-        time.sleep(0.01)
 
 
 LONG_EPOCH = {'data': {'synthetic_train_size': 1024}, 'schedule': {'epochs': 1, 'warmup_epochs': 0.1},

@@ -18,7 +18,7 @@ from mnv_train import checkpoint
 from mnv_train.cli import train_main
 from mnv_train.data import MAX_CONSECUTIVE_BAD, loader_batches
 
-from conftest import REPO, merge
+from conftest import REPO, merge, wait_for
 
 STEPS_OF_8 = {'data': {'synthetic_train_size': 128}, 'train': {'global_batch_size': 16, 'batch_size': 16,
                                                                 'checkpoint_every_steps': 2, 'log_every': 2}}
@@ -56,14 +56,6 @@ class Output:
                 assert time.monotonic() < deadline, f'{text!r} never appeared in:\n' + '\n'.join(
                     line for _, line in self.lines)
                 self.changed.wait(1)
-
-
-def wait_for_file(path, process, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f'{path} never appeared'
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------- recipe changes
@@ -190,7 +182,7 @@ def test_a_killed_loader_worker_is_named_and_the_last_step_saved(write_recipe, t
     out = tmp_path / 'run'
     process = subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--recipe', str(recipe), '--output', str(out),
                                 '--quiet'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_file(out / 'checkpoints' / 'step-00000002.pt.json', process)
+    wait_for(out / 'checkpoints' / 'step-00000002.pt.json', process)
     worker = children(process.pid)[0]
     os.kill(worker, signal.SIGKILL)
     stdout, stderr = process.communicate(timeout=300)

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from mnv_train import checkpoint
 from mnv_train.cli import train_main, validate_main
 from mnv_train.errors import UserError
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, wait_for
 
 LONGER = {'data': {'synthetic_train_size': 256},  # 8 steps an epoch, 16 in all
           'aug': {'auto_augment': 'rand-m9-mstd0.5-inc1', 'reprob': 0.25, 'mixup': 0.8, 'cutmix': 1.0},
@@ -35,14 +34,6 @@ def assert_same_weights(a, b):
 def start_training(recipe, out, *extra):
     return subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--recipe', str(recipe), '--output', str(out),
                              '--quiet', *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path, process, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f'{path} never appeared'
-        time.sleep(0.01)
 
 
 @pytest.fixture

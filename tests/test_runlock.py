@@ -14,7 +14,7 @@ from mnv_train.cli import train_main, validate_main
 from mnv_train.errors import UserError
 from mnv_train.runlock import LOCK_NAME, RunLock
 
-from conftest import REPO
+from conftest import REPO, wait_for
 
 LONGER = {'data': {'synthetic_train_size': 256}, 'train': {'checkpoint_every_steps': 2, 'log_every': 100}}
 
@@ -23,14 +23,6 @@ def start(recipe, out, *extra):
     return subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--recipe', str(recipe), '--output', str(out),
                              '--quiet', '--device', 'cpu', *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def wait_for(path, process, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f'{path} never appeared'
-        time.sleep(0.01)
 
 
 def final(out):
