@@ -484,3 +484,15 @@ def load(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:
 
 def list_recipes() -> list[Recipe]:
     return [load(str(path)) for path in sorted(RECIPES_DIR.glob('*.yaml'))]
+
+
+def flatten(section: dict, prefix: str = '', whole: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}; lists, and the sections named in `whole`, stay whole values."""
+    flat = {}
+    for key, value in section.items():
+        path = f'{prefix}{key}'
+        if isinstance(value, dict) and path not in whole:
+            flat.update(flatten(value, f'{path}.', whole))
+        else:
+            flat[path] = value
+    return flat

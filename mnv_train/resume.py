@@ -15,6 +15,7 @@ import torch
 
 from . import model as models
 from .errors import UserError
+from .recipe import flatten
 
 
 @dataclass
@@ -139,21 +140,9 @@ OBSERVING_KEYS = ('name', 'description', 'provenance.*', 'schedule.epochs', 'dat
                   'train.fit_check_images')
 
 
-def flatten(section: dict, prefix: str = '') -> dict[str, Any]:
-    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}; lists and model.kwargs stay whole values."""
-    flat = {}
-    for key, value in section.items():
-        path = f'{prefix}{key}'
-        if isinstance(value, dict) and path != 'model.kwargs':
-            flat.update(flatten(value, f'{path}.'))
-        else:
-            flat[path] = value
-    return flat
-
-
 def recipe_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any, bool]]:
     """(key, saved value, current value, only observes the run?) for every key that differs."""
-    before, after = flatten(saved), flatten(current)
+    before, after = flatten(saved, whole=('model.kwargs',)), flatten(current, whole=('model.kwargs',))
     changes = []
     for key in sorted(before.keys() | after.keys()):
         old, new = before.get(key), after.get(key)

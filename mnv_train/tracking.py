@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-from .recipe import MlflowConfig, WandbConfig
+from .recipe import MlflowConfig, WandbConfig, flatten
 
 STATE_FILE = 'trackers.json'
 
@@ -104,16 +104,6 @@ class MlflowTracker(Tracker):
 
     def finish(self):
         self.client.set_terminated(self.id)
-
-
-def flatten(section: dict, prefix: str = '') -> dict:
-    flat = {}
-    for key, value in section.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
 
 
 class Trackers:
