@@ -35,23 +35,23 @@ def fixed_batch(run):
 
 def test_logit_distillation_lowers_the_distillation_loss(write_recipe, tmp_path, teacher):
     only_the_teacher = kd(teacher, temperature=1.0, task_loss_weight=0.0, distill_loss_weight=1.0)
-    recipe = recipes.load(str(write_recipe(merge(only_the_teacher, {'schedule': {'epochs': 3, 'warmup_epochs': 0.5},
+    recipe = recipes.load(str(write_recipe(merge(only_the_teacher, {'schedule': {'epochs': 5, 'warmup_epochs': 0.5},
                                                                     'optim': {'lr': 0.0005},
                                                                     'ema': {'enabled': False}}))))
     run = build_run(recipe, distributed.init('cpu'), tmp_path / 'run')
-    images, targets = fixed_batch(run)
+    batches = [(images, targets) for images, targets, _ in device_batches(run.train_loader, run.train_input)]
     task = run.distillation.task
 
     def kd_loss():  # in training mode: a few steps leave BatchNorm's running statistics far from the batch's
-        task.train()
+        task.train()  # averaged over the epoch's batches: one batch's loss moves by 10 % from one epoch to the next
         with torch.no_grad():
-            return float(task(images, targets)['kd_loss'])
+            return sum(float(task(images, targets)['kd_loss']) for images, targets in batches) / len(batches)
     before = kd_loss()
     watch = Watch(run, StopFlag())
-    for epoch in range(3):
+    for epoch in range(5):
         train_one_epoch(run, epoch, watch)
         run.state.samples_in_epoch = 0
-    assert kd_loss() < 0.9 * before
+    assert kd_loss() < 0.8 * before
 
 
 def test_the_teacher_is_frozen_outside_ddp_and_the_checkpoint_keeps_only_its_path_and_sha256(write_recipe, tmp_path,
