@@ -12,7 +12,7 @@ from mnv_train import checkpoint
 from mnv_train.cli import train_main, validate_main
 from mnv_train.errors import UserError
 
-from conftest import REPO, run_cli, wait_for
+from conftest import REPO, assert_same_training_state, run_cli, wait_for
 
 LONGER = {'data': {'synthetic_train_size': 256},  # 8 steps an epoch, 16 in all
           'aug': {'auto_augment': 'rand-m9-mstd0.5-inc1', 'reprob': 0.25, 'mixup': 0.8, 'cutmix': 1.0},
@@ -22,13 +22,6 @@ LONGER = {'data': {'synthetic_train_size': 256},  # 8 steps an epoch, 16 in all
 
 def weights(run_dir, name='last.pt'):
     return checkpoint.load(run_dir / 'checkpoints' / name)
-
-
-def assert_same_weights(a, b):
-    for part in ('model', 'ema'):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f'{part}.{key} differs'
-    assert a['state'] == b['state']
 
 
 def start_training(recipe, out, *extra):
@@ -57,7 +50,7 @@ def test_kill_9_mid_epoch_then_resume_auto_is_bit_identical(reference, tmp_path,
     assert process.wait() == -signal.SIGKILL
     assert weights(out)['state']['samples_in_epoch'] > 0
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet']) == 0
-    assert_same_weights(weights(out), expected)
+    assert_same_training_state(weights(out), expected)
 
 
 def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_cleanly(reference, tmp_path):
@@ -73,7 +66,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_cleanly(reference, tmp_p
     assert 8 < stopped['state']['step'] < 16
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet',
                        '--set', 'train.checkpoint_every_steps=0']) == 0
-    assert_same_weights(weights(out), expected)
+    assert_same_training_state(weights(out), expected)
 
 
 def test_max_steps_slices_a_run_and_resume_from_an_epoch_end_matches(reference, tmp_path):
@@ -82,7 +75,7 @@ def test_max_steps_slices_a_run_and_resume_from_an_epoch_end_matches(reference, 
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '8']) == 0
     assert weights(out)['state']['step'] == 8
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
-    assert_same_weights(weights(out), expected)
+    assert_same_training_state(weights(out), expected)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys):
@@ -97,7 +90,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
     err = capsys.readouterr().err
     assert 'step-00000010.pt is truncated or corrupt' in err and 'falling back' in err
-    assert_same_weights(weights(out), expected)
+    assert_same_training_state(weights(out), expected)
 
 
 def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(write_recipe, tmp_path, monkeypatch):
@@ -201,4 +194,4 @@ def test_a_lamb_run_resumes_bit_exactly(write_recipe, tmp_path):
                        '--resume', 'auto']) == 0
     whole, sliced = weights(tmp_path / 'whole'), weights(tmp_path / 'sliced')
     assert 'exp_avg' in str(whole['optimizer']['state'][0].keys()) and whole['state']['step'] == 8
-    assert_same_weights(sliced, whole)
+    assert_same_training_state(sliced, whole)
