@@ -336,8 +336,11 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: 
     # through an optimizer step; without it, the loader reports the death from the next batch fetch (within its
     # 5 s status check), where the run's state is whole and can be saved
     signal_handling._SIGCHLD_handler_set = True
+    # its own generator: each new iterator draws a base seed, and a resumed run makes its (persistent) iterators at
+    # other points than an uninterrupted one; from the global one, that draw would leave the saved RNG state
+    # different. Samples are seeded one by one, so nothing depends on that base seed.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=drop_last,
+                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=drop_last, generator=torch.Generator(),
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,3 +91,41 @@ def wait_for(path: Path, process, timeout=300):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, f'{path} never appeared'
         time.sleep(0.01)
+
+
+TRAINING_STATE = ('model', 'ema', 'optimizer', 'scaler', 'rng', 'state')  # what an exact resume must reproduce
+
+
+def _assert_same(a, b, where: str):
+    """Bit-exact, recursive: tensors by dtype, shape and value; dicts key by key in both directions."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f'{where}: tensor vs {type(b).__name__}'
+        assert a.dtype == b.dtype and a.shape == b.shape, f'{where}: {a.dtype} {tuple(a.shape)} vs {b.dtype} ' \
+                                                          f'{tuple(b.shape)}'
+        assert torch.equal(a, b), f'{where} differs'
+    elif isinstance(a, dict) or isinstance(b, dict):
+        assert isinstance(a, dict) and isinstance(b, dict), f'{where}: dict vs {type(b).__name__}'
+        assert a.keys() == b.keys(), f'{where}: keys only in the first {sorted(map(str, a.keys() - b.keys()))}, ' \
+                                     f'only in the second {sorted(map(str, b.keys() - a.keys()))}'
+        for key in a:
+            _assert_same(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        assert isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)), f'{where}: {type(a).__name__} vs ' \
+                                                                              f'{type(b).__name__}'
+        assert len(a) == len(b), f'{where}: length {len(a)} vs {len(b)}'
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f'{where}[{i}]')
+    else:
+        assert type(a) is type(b) and a == b, f'{where}: {a!r} vs {b!r}'
+
+
+def assert_same_training_state(a, b, parts: tuple = TRAINING_STATE):
+    """Two checkpoints (payload dicts, or paths for checkpoint.load) hold the same training state, bit for bit:
+    model, EMA, optimizer state and param_groups, loss scaler, RNG and loop state (TrainState), with no key missing
+    on either side. Every exact-resume test goes through this, so a resume that forgets any part of the state fails
+    even when no training follows it. `parts` narrows it only where a test compares less on purpose (say so)."""
+    from mnv_train import checkpoint
+    a, b = (checkpoint.load(x) if isinstance(x, (str, Path)) else x for x in (a, b))
+    for part in parts:
+        assert part in a and part in b, f'{part} missing from {"the first" if part not in a else "the second"}'
+        _assert_same(a[part], b[part], part)

@@ -4,6 +4,7 @@ Each case builds one bad input and returns the call that must refuse it. Most ru
 process (no torch import per case); the few that need what only a fresh process shows run through a subprocess.
 All cases share one tiny training run. Unreadable images are not here: a run skips them (tests/test_faults.py).
 """
+import ctypes
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import random
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +31,7 @@ from conftest import ONE_EPOCH, REPO, TINY, merge, run_cli, train_tiny
 MNV3 = {'model': {'name': 'mobilenetv3_small_100'}}
 SMALL_RUN = merge(ONE_EPOCH, {'data': {'synthetic_train_size': 64, 'synthetic_val_size': 16}})  # 2 steps
 FOLDER = merge(ONE_EPOCH, {'data': {'dataset': 'folder'}, 'train': {'global_batch_size': 4, 'batch_size': 4}})
+FRESH = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}  # this checkout; one thread (see one_thread)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -55,6 +58,7 @@ class Call:
     argv: list
     culprit: str | tuple  # every one of these substrings
     after: Optional[Callable[[], None]] = None
+    unprivileged: bool = False  # run in a child that cannot bypass file permissions, even as root (CI)
 
 
 @dataclass
@@ -108,11 +112,8 @@ class Ctx:
         return root
 
     def unreadable(self, path: Path) -> Path:
-        """path with all permissions removed; skips the case where the user can read it anyway (root)."""
+        """path with all permissions removed: only a Call with unprivileged=True is refused it, also as root."""
         path.chmod(0)
-        if os.access(path, os.R_OK):
-            path.chmod(0o755)
-            pytest.skip(f'running as uid {os.getuid()}: {path} stays readable without permissions')
         return path
 
 
@@ -146,15 +147,46 @@ def assert_one_line_error(code, err: str, culprit):
         assert part in lines[0], f'{part!r} not named in: {lines[0]}'
 
 
-def expect_one_line_error(capsys, call: Call):
-    capsys.readouterr()
-    try:
-        code = call.main([str(arg) for arg in call.argv])
-    except SystemExit as e:  # argparse
-        code = e.code
-    except Exception as e:
-        raise AssertionError(f'{type(e).__name__} escaped the tool\'s main: the user would see a traceback') from e
-    assert_one_line_error(code, capsys.readouterr().err, call.culprit)
+def without_permission_bypass():
+    """In a child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that root
+    (CI runs as root) is refused what chmod forbids, as any user would be, while still owning the test's files."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (linux/capability.h)
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), 'prctl(PR_CAPBSET_DROP) failed')
+
+
+def call_unprivileged(call: Call) -> tuple[int, str]:
+    """(exit status, stderr) of call.main run in a child process without the power to bypass file permissions."""
+    module, name = next((module, name) for module in sorted(sys.modules) if module.startswith('mnv_train.')
+                        for name, value in vars(sys.modules[module]).items() if value is call.main)
+    script = f'import sys; from {module} import {name} as main; sys.exit(main(sys.argv[1:]))'
+    result = subprocess.run([sys.executable, '-c', script, *map(str, call.argv)], capture_output=True, text=True,
+                            timeout=300, env=FRESH, preexec_fn=without_permission_bypass)
+    return result.returncode, result.stderr
+
+
+def expect_one_line_error(capfd, call: Call):
+    """capfd, not capsys: a write to fd 2 (a library's C code, a subprocess) is output the user sees too. Any warning
+    raised during the call is output as well, so one is a failure."""
+    if call.unprivileged:
+        code, err = call_unprivileged(call)
+    else:
+        capfd.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            try:
+                code = call.main([str(arg) for arg in call.argv])
+            except SystemExit as e:  # argparse
+                code = e.code
+            except Exception as e:
+                raise AssertionError(f'{type(e).__name__} escaped the tool\'s main: the user would see a '
+                                     f'traceback') from e
+        err = capfd.readouterr().err
+        assert not caught, f'warnings besides the error line: {[str(w.message) for w in caught]}'
+    assert_one_line_error(code, err, call.culprit)
     if call.after is not None:
         call.after()
 
@@ -218,7 +250,7 @@ def _(c):
 @case(RECIPE_FILES, 'unreadable file')
 def _(c):
     path = c.unreadable(c.recipe())
-    return Call(train_main, c.train(path), str(path))
+    return Call(train_main, c.train(path), str(path), unprivileged=True)
 
 
 @case(RECIPE_FILES, 'unknown recipe name')
@@ -277,8 +309,8 @@ def _(c):
 
 
 @pytest.mark.parametrize('build', RECIPE_FILES)
-def test_a_broken_recipe_is_refused_in_one_line_naming_the_file_key_or_value(build, ctx, capsys):
-    expect_one_line_error(capsys, build(ctx))
+def test_a_broken_recipe_is_refused_in_one_line_naming_the_file_key_or_value(build, ctx, capfd):
+    expect_one_line_error(capfd, build(ctx))
 
 
 # ---------------------------------------------------------------------------------------------- --set and flags
@@ -317,8 +349,8 @@ def _(c):
 
 
 @pytest.mark.parametrize('build', OVERRIDES)
-def test_a_bad_override_is_refused_in_one_line_naming_it(build, ctx, capsys):
-    expect_one_line_error(capsys, build(ctx))
+def test_a_bad_override_is_refused_in_one_line_naming_it(build, ctx, capfd):
+    expect_one_line_error(capfd, build(ctx))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -377,7 +409,7 @@ def _(c):
 def _(c):
     root = c.images(c.images(c.tmp / 'locked', 'train', classes=2), 'validation', classes=2)
     c.unreadable(root / 'train')
-    return Call(train_main, c.train(c.recipe(FOLDER), '--data-dir', root), str(root / 'train'))
+    return Call(train_main, c.train(c.recipe(FOLDER), '--data-dir', root), str(root / 'train'), unprivileged=True)
 
 
 @case(DATA, 'Fashion-MNIST files that are not idx files')
@@ -400,8 +432,8 @@ def _(c):
 
 
 @pytest.mark.parametrize('build', DATA)
-def test_missing_or_broken_data_is_refused_in_one_line_naming_the_path(build, ctx, capsys):
-    expect_one_line_error(capsys, build(ctx))
+def test_missing_or_broken_data_is_refused_in_one_line_naming_the_path(build, ctx, capfd):
+    expect_one_line_error(capfd, build(ctx))
 
 
 # ---------------------------------------------------------------------------------------------- output folders
@@ -425,9 +457,8 @@ def _(c):
     folder = c.tmp / 'readonly'
     folder.mkdir()
     folder.chmod(0o555)
-    if os.access(folder, os.W_OK):
-        pytest.skip(f'running as uid {os.getuid()}: {folder} stays writable')
-    return Call(train_main, ['--recipe', c.recipe(), '--output', folder / 'run', '--quiet'], str(folder))
+    return Call(train_main, ['--recipe', c.recipe(), '--output', folder / 'run', '--quiet'], str(folder),
+                unprivileged=True)
 
 
 @case(OUTPUTS, 'train output that already holds checkpoints, without --resume')
@@ -463,8 +494,12 @@ def _(c):
 
 
 @pytest.mark.parametrize('build', OUTPUTS)
-def test_an_output_that_cannot_be_written_is_refused_in_one_line_and_keeps_what_is_there(build, ctx, capsys):
-    expect_one_line_error(capsys, build(ctx))
+def test_an_output_that_cannot_be_written_is_refused_in_one_line_and_keeps_what_is_there(build, ctx, capfd):
+    call = build(ctx)
+    kept, shared_run_kept = unchanged(ctx.tmp), unchanged(ctx.run)  # every file each case set up, byte for byte
+    expect_one_line_error(capfd, call)
+    kept()
+    shared_run_kept()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -616,8 +651,8 @@ def _(c):
 
 
 @pytest.mark.parametrize('build', CHECKPOINTS)
-def test_a_broken_or_hostile_checkpoint_is_refused_in_one_line_naming_it(build, ctx, capsys):
-    expect_one_line_error(capsys, build(ctx))
+def test_a_broken_or_hostile_checkpoint_is_refused_in_one_line_naming_it(build, ctx, capfd):
+    expect_one_line_error(capfd, build(ctx))
 
 
 # ---------------------------------------------------------------------------------------------- validation data
@@ -648,8 +683,8 @@ def _(c):
 
 
 @pytest.mark.parametrize('build', CLASS_COUNTS)
-def test_validating_on_data_with_another_class_count_names_the_checkpoint_and_both_counts(build, ctx, capsys):
-    expect_one_line_error(capsys, build(ctx))
+def test_validating_on_data_with_another_class_count_names_the_checkpoint_and_both_counts(build, ctx, capfd):
+    expect_one_line_error(capfd, build(ctx))
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -712,13 +747,12 @@ def _(c):
 
 
 @pytest.mark.parametrize('build', TOOLS)
-def test_a_tool_asked_for_what_it_cannot_do_refuses_in_one_line(build, ctx, capsys):
-    expect_one_line_error(capsys, build(ctx))
+def test_a_tool_asked_for_what_it_cannot_do_refuses_in_one_line(build, ctx, capfd):
+    expect_one_line_error(capfd, build(ctx))
 
 
 # ---------------------------------------------------------------------------------------------- fresh processes
 
-FRESH = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}  # this checkout; one thread, as above
 
 
 def test_train_py_with_a_non_utf8_recipe_under_the_c_locale_prints_one_line(ctx):

@@ -3,6 +3,7 @@ import PIL
 import pytest
 import torch
 from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
 
 from mnv_train import augment, data
@@ -19,13 +20,24 @@ def test_posterize_to_zero_bits_gives_black_instead_of_raising():
     assert np.array_equal(np.asarray(augment.posterize_zero_safe(image, 4)), np.asarray(ImageOps.posterize(image, 4)))
 
 
-def test_randaugment_inc1_survives_many_images():
+def test_randaugment_inc1_survives_many_images_that_ask_for_zero_posterize_bits(monkeypatch):
     """rand-m9-mstd0.5-inc1 asks for 0 posterize bits on ~0.2% of images; 5000 calls hit it ~10 times."""
+    zero_bits = []
+
+    def counting(img, bits_to_keep, **kwargs):
+        out = augment.posterize_zero_safe(img, bits_to_keep, **kwargs)
+        if bits_to_keep <= 0:
+            zero_bits.append(np.asarray(out).max())
+        return out
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        assert timm_auto_augment.NAME_TO_OP[name] is augment.posterize_zero_safe  # the guard is what timm calls
+        monkeypatch.setitem(timm_auto_augment.NAME_TO_OP, name, counting)
     transform = create_transform(32, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', use_prefetcher=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     data.seed_everything(0)
     for _ in range(5000):
         transform(image)
+    assert len(zero_bits) >= 3 and set(zero_bits) == {0}, zero_bits  # the 0-bit case was hit, and gave black
 
 
 def test_fashion_mnist_reader_gives_rgb_images_and_labels(tiny_fmnist):

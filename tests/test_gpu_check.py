@@ -51,7 +51,9 @@ def dry_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('gpu_check')
     fake = root / 'train.py'
     fake.write_text(FAKE_TIMM_TRAIN)
-    result = run_check('--tiny', fake, timeout=600, GPU_CHECK_OUT=str(root / 'out'))
+    # a budget that only tests the flow: a spent budget is the case of test_a_spent_budget_skips_the_remaining_steps,
+    # and a busy CI machine must not turn this run into that one (the default 300 s left it to the machine's load)
+    result = run_check('--tiny', fake, timeout=3700, GPU_CHECK_OUT=str(root / 'out'), BUDGET_S='3600')
     return result, root / 'out'
 
 

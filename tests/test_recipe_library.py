@@ -3,12 +3,15 @@ import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+import yaml
 
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.distributed import World
 from mnv_train.engine import StopFlag, Watch, train_one_epoch
+from mnv_train.recipe import flatten
 
 REFERENCE = Path(__file__).resolve().parent.parent / 'docs' / 'recipes-reference.md'
 ALL = sorted(p.stem for p in recipes.RECIPES_DIR.glob('*.yaml'))
@@ -42,65 +45,84 @@ def markdown_table(heading: str) -> list[list[str]]:
     return [row for row in rows if not set(row[0]) <= set('-: ')]
 
 
-def google_table() -> dict:
-    """{'Conv-S': {'lr (absolute, at that batch)': '0.002', ...}, ...} from reference section 4.6."""
-    header, *rows = markdown_table('### 4.6')
-    return {model: {row[0]: row[i] for row in rows} for i, model in enumerate(header) if i > 0}
+IMAGENET_TRAIN = 1281167  # IMAGENET_TRAIN_EXAMPLES in TF Model Garden: what Google's steps count
+# TF Model Garden defaults for keys a config leaves out (docs/recipes-reference.md section 4, "TF semantics";
+# norm_epsilon: NormActivation in official/vision/configs/common.py)
+TF_DEFAULTS = {'beta_1': 0.9, 'beta_2': 0.999, 'epsilon': 1e-7, 'alpha': 0.0, 'warmup_learning_rate': 0.0,
+               'dynamic_decay': True, 'num_layers': 2, 'magnitude': 10, 'cutout_const': 40, 'translate_const': 10,
+               'magnitude_std': 0.0, 'prob_to_apply': None, 'exclude_ops': [], 'mixup_alpha': 0.8,
+               'cutmix_alpha': 1.0, 'prob': 1.0, 'switch_prob': 0.5, 'norm_epsilon': 0.001,
+               'stochastic_depth_drop_rate': 0.0, 'label_smoothing': 0.0}
 
 
-def test_every_recipe_names_its_source():
-    for name in ALL:
-        recipe = recipes.load(name)
-        assert recipe.provenance.source, f'{name} has no provenance.source'
-        assert recipe.description, f'{name} has no description'
+def google_config(column: str) -> tuple[dict, float]:
+    """Google's config for Conv-S, Hybrid-L, ... as quoted verbatim in section 4 (yaml.safe_load), and the top-1
+    its first comment line reports."""
+    text = REFERENCE.read_text()
+    block = re.search(rf'^### 4\.\d MNv4-{re.escape(column)} .*?\n```yaml\n(.*?)^```', text, re.S | re.M).group(1)
+    return yaml.safe_load(block), float(re.match(r'# Top-1 Acc: ([\d.]+)%', block).group(1))
+
+
+def tf(section: dict, key: str):
+    return section.get(key, TF_DEFAULTS[key])
 
 
 @pytest.mark.parametrize('column', sorted(GOOGLE))
-def test_google_recipes_match_the_reference_table(column):
-    row = google_table()[column]
+def test_google_recipes_match_googles_verbatim_configs(column):
+    config, top1 = google_config(column)
     r = recipes.load(GOOGLE[column])
-    assert r.data.img_size == numbers(row['img_size'])[0]
-    assert r.train.global_batch_size == numbers(row['global batch'])[0]
-    assert r.schedule.epochs == numbers(row['epochs (exact from steps)'])[-1]
-    assert r.optim.name == row['opt']
-    assert r.optim.betas == numbers(row['opt_betas'])
-    assert r.optim.eps == numbers(row['opt_eps'])[0]
-    assert r.optim.lr == numbers(row['lr (absolute, at that batch)'])[0]
-    assert r.optim.weight_decay == numbers(row['weight_decay (decoupled, torch-AdamW semantics; BN excluded)'])[0]
-    sched, min_lr = row['sched / min_lr'].split(' / ')
-    assert (r.schedule.sched, r.schedule.min_lr) == (sched, float(min_lr))
-    steps, warmup_epochs, warmup_lr = numbers(row['warmup (steps → epochs), warmup_lr'])
-    assert (r.schedule.warmup_epochs, r.schedule.warmup_lr) == (warmup_epochs, warmup_lr)
-    assert r.optim.clip_grad is None and row['clip_grad'] == 'none'
-    ema = row['EMA']
-    assert r.ema.enabled == (ema != 'none')
-    if r.ema.enabled:
-        decay, start = numbers(ema)
-        assert (r.ema.decay, r.ema.start_step, r.ema.warmup) == (decay, start, 'no dynamic decay' not in ema)
-    assert r.model.drop_rate == numbers(row['drop (classifier)'])[0]
-    assert r.model.drop_path_rate == numbers(row['drop_path (max) / schedule'])[0]
-    assert r.loss.smoothing == numbers(row['smoothing'])[0]
-    mix = row['mixup/cutmix/prob/switch']
-    if mix == 'none':
+    task, trainer = config['task'], config['trainer']
+    model, train_data, optimization = task['model'], task['train_data'], trainer['optimizer_config']
+    batch = train_data['global_batch_size']
+    assert r.data.img_size == model['input_size'][0] == model['input_size'][1]
+    assert r.train.global_batch_size == batch
+    # epochs: Google's steps over ImageNet at that batch (9598.8 -> 9600 and 498.75 -> 500, as the paper states them)
+    exact_epochs = trainer['train_steps'] * batch / IMAGENET_TRAIN
+    assert abs(r.schedule.epochs - exact_epochs) <= 0.003 * exact_epochs, exact_epochs
+    assert optimization['learning_rate']['cosine']['decay_steps'] == trainer['train_steps']  # cosine over the run
+    warmup = optimization['warmup']['linear']
+    assert r.schedule.warmup_epochs == round(warmup['warmup_steps'] * batch / IMAGENET_TRAIN, 2)
+    assert r.schedule.warmup_lr == tf(warmup, 'warmup_learning_rate')
+    cosine = optimization['learning_rate']['cosine']
+    assert r.schedule.sched == optimization['learning_rate']['type'] == 'cosine'
+    assert r.optim.lr == cosine['initial_learning_rate']
+    assert r.schedule.min_lr == pytest.approx(tf(cosine, 'alpha') * cosine['initial_learning_rate'], rel=1e-12)
+    adamw = optimization['optimizer']['adamw']
+    assert r.optim.name == optimization['optimizer']['type'] == 'adamw'
+    assert r.optim.betas == [tf(adamw, 'beta_1'), tf(adamw, 'beta_2')] and r.optim.eps == tf(adamw, 'epsilon')
+    assert r.optim.weight_decay == adamw['weight_decay_rate']
+    assert adamw['exclude_from_weight_decay'] == ['batch_normalization'] and r.optim.weight_decay_exclude == 'bn'
+    assert adamw['gradient_clip_norm'] == 0.0 and r.optim.clip_grad is None
+    ema = optimization.get('ema')
+    assert r.ema.enabled == (ema is not None)
+    if ema is not None:
+        assert (r.ema.decay, r.ema.start_step, r.ema.warmup) == (ema['average_decay'], ema['start_step'],
+                                                                 tf(ema, 'dynamic_decay'))
+    backbone = model['backbone']['mobilenet']
+    assert r.model.drop_rate == model['dropout_rate']
+    assert r.model.drop_path_rate == tf(backbone, 'stochastic_depth_drop_rate')  # flat vs linear: noted in recipe
+    norm = model['norm_activation']
+    assert r.model.bn_momentum == pytest.approx(1 - norm['norm_momentum'], abs=1e-12)
+    assert r.model.bn_eps == tf(norm, 'norm_epsilon')
+    assert r.loss.smoothing == tf(task['losses'], 'label_smoothing')
+    mix = train_data.get('mixup_and_cutmix')
+    if mix is None:
         assert r.aug.mixup == r.aug.cutmix == 0
     else:
-        assert [r.aug.mixup, r.aug.cutmix, r.aug.mixup_prob, r.aug.mixup_switch_prob] == numbers(mix)
-    assert r.aug.reprob == 0 and row['random erasing'] == 'none'
-    assert r.aug.scale == [0.08, 1.0] and r.aug.hflip == 0.5
-    assert [r.model.bn_momentum, r.model.bn_eps] == numbers(row['BN momentum(torch)/eps'])
-    assert {'fp32': 'none', 'bf16': 'bf16'}[row['precision']] == r.train.amp
-    assert r.provenance.expected_top1 == numbers(row['reported top-1 (yaml comment)'])[0]
-    assert r.optim.weight_decay_exclude == 'bn'  # "BN excluded": biases and layer scales decay
-    randaug = r.aug.tf_randaugment  # Google's own RandAugment, not a timm string
-    assert r.aug.auto_augment is None and randaug is not None
-    layers, magnitude, prob, mstd = row['RandAugment (TF: layers/mag/prob/mstd)'].split(',')[0].split('/')
-    assert (randaug.num_layers, randaug.magnitude, randaug.magnitude_std) == (int(layers), float(magnitude),
-                                                                              float(mstd))
-    assert randaug.prob_to_apply == (None if prob == 'None' else float(prob))
-    translate = re.search(r'translate (\d+)', row['RandAugment (TF: layers/mag/prob/mstd)'])
-    assert randaug.translate_const == (float(translate.group(1)) if translate else 10.0)
-    assert randaug.exclude_ops == ['Cutout']
-    assert r.data.interpolation == r.aug.train_interpolation == 'bilinear'
+        assert [r.aug.mixup, r.aug.cutmix, r.aug.mixup_prob, r.aug.mixup_switch_prob] == [
+            tf(mix, 'mixup_alpha'), tf(mix, 'cutmix_alpha'), tf(mix, 'prob'), tf(mix, 'switch_prob')]
+    assert r.aug.reprob == 0 and 'random_erasing' not in train_data
+    assert r.aug.scale == [0.08, 1.0] and r.aug.hflip == 0.5  # DataConfig defaults: no key overrides them
+    assert not {'aug_crop', 'crop_area_range', 'aug_rand_hflip', 'color_jitter'} & train_data.keys()
+    assert r.train.amp == {'float32': 'none', 'bfloat16': 'bf16'}[config['runtime']['mixed_precision_dtype']]
+    assert r.provenance.expected_top1 == top1
+    assert train_data['aug_type']['type'] == 'randaug' and r.aug.auto_augment is None  # Google's, not timm's
+    randaug, ours = train_data['aug_type']['randaug'], r.aug.tf_randaugment
+    assert (ours.num_layers, ours.magnitude, ours.magnitude_std, ours.prob_to_apply, ours.translate_const,
+            ours.cutout_const, ours.exclude_ops) == tuple(tf(randaug, key) for key in (
+                'num_layers', 'magnitude', 'magnitude_std', 'prob_to_apply', 'translate_const', 'cutout_const',
+                'exclude_ops'))
+    assert r.data.interpolation == r.aug.train_interpolation == 'bilinear'  # tf_resize_method default
 
 
 def timm_table() -> dict:
@@ -128,6 +150,115 @@ def test_timm_weight_recipes_match_the_published_eval_configs(name):
     assert r.model.name == TIMM[name].split('.')[0]
     assert r.data.interpolation == row['interpolation']
     assert r.optim.weight_decay_exclude == '1d'  # timm's train.py
+    assert_eval_settings_are_timms(r, TIMM[name])
+
+
+def assert_eval_settings_are_timms(r, tag: str):
+    """The recipe evaluates as the installed timm's pretrained cfg for `tag` says the weights were evaluated."""
+    cfg = timm.models.get_pretrained_cfg(tag)
+    assert r.model.name == tag.split('.')[0]
+    assert (r.data.img_size, r.data.crop_pct, r.data.interpolation) == (cfg.input_size[-1], cfg.crop_pct,
+                                                                        cfg.interpolation)
+    if cfg.test_input_size is not None:
+        assert (r.provenance.eval_img_size, r.provenance.eval_crop_pct) == (cfg.test_input_size[-1],
+                                                                            cfg.test_crop_pct or cfg.crop_pct)
+    if tuple(cfg.mean) == (0.5, 0.5, 0.5):
+        assert (r.data.mean, r.data.std) == (list(cfg.mean), list(cfg.std))
+
+
+def departures(name: str, base: str) -> dict:
+    """{flattened key: (base's value, name's value)} where the two resolved recipes differ."""
+    a, b = (flatten(recipes.load(n).to_dict()) for n in (base, name))
+    return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+
+
+LABELS = {'name', 'description', 'provenance.source', 'provenance.notes'}
+
+
+def test_the_lamb_recipe_holds_the_guides_values_and_the_timm_weights_eval_settings():
+    claim = re.search(r'^Claim: "(.*)"', REFERENCE.read_text(), re.M).group(1)  # section 6, as the guide states it
+    r = recipes.load('mnv4_hybrid_large_lamb')
+
+    def stated(pattern):
+        return float(re.search(pattern, claim).group(1))
+    assert r.schedule.epochs == stated(r'(\d+) epochs') and r.data.img_size == stated(r'(\d+)px')
+    assert r.schedule.warmup_epochs == stated(r'(\d+) warmup epochs') and r.optim.lr == stated(r'lr ([\d.]+)')
+    assert r.train.global_batch_size == stated(r'batch (\d+)') and r.optim.name == 'lamb' and 'LAMB' in claim
+    assert r.optim.weight_decay == stated(r'weight decay ([\d.]+)')
+    assert r.loss.smoothing == stated(r'label smoothing ([\d.]+)') and r.schedule.sched == 'cosine'
+    assert r.train.amp != 'none' and 'AMP' in claim
+    assert (r.optim.betas, r.optim.eps) == (None, None)  # not stated: timm's Lamb defaults
+    # what the guide leaves out is mnv4_hybrid_large's, and the eval settings are the weights' own
+    assert set(departures('mnv4_hybrid_large_lamb', 'mnv4_hybrid_large')) - LABELS == {
+        'optim.name', 'optim.lr', 'optim.weight_decay', 'optim.betas', 'optim.eps', 'schedule.warmup_epochs',
+        'train.global_batch_size'}
+    assert_eval_settings_are_timms(r, TIMM['mnv4_hybrid_large'])
+    accuracy = numbers(next(v for k, v in timm_table()[TIMM['mnv4_hybrid_large']].items()
+                            if k.startswith('ImageNet-1k val top-1')))
+    assert (r.provenance.expected_top1, r.provenance.expected_top1_eval) == (accuracy[0], accuracy[3])
+
+
+@pytest.mark.parametrize('name, tag', [('mobilenetv2_100_ra4', 'mobilenetv2_100'),
+                                       ('mobilenetv3_small_100_ra4', 'mobilenetv3_small_100.lamb_in1k')])
+def test_ra4_baselines_without_timm_weights_train_as_conv_s_and_evaluate_as_timm(name, tag):
+    """No ra4 weights exist for these two: every training value is MNV4-Conv-S's (Google's 4.1), the epochs the ra4
+    MobileNet baselines' (e3600 tags), the eval settings timm's pretrained cfg, and no top-1 is claimed."""
+    r = recipes.load(name)
+    assert set(departures(name, 'mnv4_conv_small_tf')) - LABELS == {
+        'model.name', 'data.interpolation', 'data.mean', 'data.std', 'schedule.epochs', 'optim.weight_decay_exclude',
+        'aug.train_interpolation', 'aug.auto_augment', 'provenance.expected_top1'} | {
+        f'aug.tf_randaugment.{key}' for key in ('num_layers', 'magnitude', 'magnitude_std', 'prob_to_apply',
+                                                'translate_const', 'cutout_const', 'exclude_ops')}
+    assert r.schedule.epochs == recipes.load('mobilenetv1_100_ra4').schedule.epochs == 3600
+    assert r.optim.weight_decay_exclude == recipes.load('mobilenetv1_100_ra4').optim.weight_decay_exclude
+    assert r.provenance.expected_top1 is None
+    assert_eval_settings_are_timms(r, tag)
+
+
+def test_kd_recipes_are_their_base_recipe_plus_distillation_from_the_teacher_they_name():
+    kd = recipes.load('mnv4_conv_small_kd')
+    assert set(departures('mnv4_conv_small_kd', 'mnv4_conv_small')) - LABELS == {
+        'distill.teacher', 'distill.teacher_path', 'distill.img_size', 'distill.task_loss_weight',
+        'provenance.expected_top1', 'provenance.expected_top1_eval', 'provenance.eval_img_size',
+        'provenance.eval_crop_pct'}  # no published figure for a distilled student
+    teacher = timm.models.get_pretrained_cfg(TIMM['mnv4_hybrid_large'])
+    assert kd.distill.teacher == TIMM['mnv4_hybrid_large'].split('.')[0]
+    assert TIMM['mnv4_hybrid_large'] in kd.distill.teacher_path and kd.distill.img_size == teacher.input_size[-1]
+    assert (kd.distill.task_loss_weight, kd.distill.distill_loss_weight) == (0.0, 1.0)  # teacher's labels alone
+
+    fmnist = recipes.load('fmnist_mnv4_conv_small_kd')
+    assert set(departures('fmnist_mnv4_conv_small_kd', 'fmnist_mnv4_conv_small')) - LABELS == {
+        'distill.teacher', 'distill.teacher_path', 'distill.temperature', 'distill.task_loss_weight',
+        'distill.distill_loss_weight', 'provenance.expected_top1'}
+    assert fmnist.distill.teacher == recipes.load('fmnist_mnv4_conv_small_long').model.name
+    assert fmnist.distill.teacher_path == 'runs/fmnist_mnv4_conv_small_long/checkpoints/best.pt'
+    assert fmnist.distill.task_loss_weight + fmnist.distill.distill_loss_weight == 1.0
+
+
+def readme_result(recipe: str) -> float:
+    """The top-1 README's Results table measured for a Fashion-MNIST recipe."""
+    row = next(line for line in (REFERENCE.parent.parent / 'README.md').read_text().splitlines()
+               if line.startswith(f'| `{recipe}` |'))
+    return numbers(row.split('|')[2])[0]
+
+
+def test_fashion_mnist_recipes_claim_what_the_readme_measured_and_change_only_what_they_say():
+    for name in ('fmnist_mnv4_conv_small', 'fmnist_mnv4_conv_small_long'):
+        assert recipes.load(name).provenance.expected_top1 == readme_result(name)
+    assert recipes.load('fmnist_mnv4_conv_small_kd').provenance.expected_top1 == 92.60  # README distillation table
+    assert '**92.60**' in next(line for line in (REFERENCE.parent.parent / 'README.md').read_text().splitlines()
+                               if line.startswith('| student (T 2, task 0.5, teacher 0.5) |'))
+    quick = recipes.load('fmnist_mnv4_conv_small')
+    assert (quick.data.dataset, quick.data.val_split, quick.model.num_classes) == ('fashion_mnist', 'test', None)
+    assert set(departures('fmnist_mnv4_conv_small_long', 'fmnist_mnv4_conv_small')) - LABELS == {
+        'model.drop_rate', 'model.drop_path_rate', 'aug.scale', 'aug.ratio', 'aug.reprob', 'schedule.epochs',
+        'schedule.warmup_epochs', 'ema.decay', 'provenance.expected_top1'}
+    tune = recipes.load('finetune_fmnist_from_ckpt')
+    assert set(departures('finetune_fmnist_from_ckpt', 'fmnist_mnv4_conv_small')) - LABELS == {
+        'model.pretrained_path', 'optim.lr', 'schedule.epochs', 'schedule.warmup_epochs',
+        'provenance.expected_top1'}
+    assert tune.model.pretrained_path == 'runs/fmnist_mnv4_conv_small/checkpoints/best.pt'  # the quickstart's run
+    assert tune.optim.lr < quick.optim.lr and tune.schedule.epochs < quick.schedule.epochs
 
 
 @pytest.mark.parametrize('name', ALL)
