@@ -129,7 +129,8 @@ def suite_after_training(run: Run, paths: dict[str, Path]):
     module = run.module if run.ema is None else run.ema.module
     weights = Weights(copy.deepcopy(run.recipe), 'raw' if run.ema is None else 'ema', module.state_dict(),
                       run.checkpointer.directory / 'last.pt', None)
-    run_suite(weights, apply_setting(weights, None, None), paths, run.world, run.recipe.train.batch_size, 0, None)
+    run_suite(weights, apply_setting(weights, None, None), paths, run.world, run.recipe.train.batch_size, 0, None,
+              refresh_report=False)  # train_main writes report.md next
 
 
 def run_folder(output: Optional[str], recipe: recipes.Recipe, resume_path: Optional[Path]) -> Path:
@@ -332,11 +333,15 @@ def apply_setting(weights: Weights, img_size: Optional[int], crop_pct: Optional[
 
 
 def run_suite(weights: Weights, setting: EvalSetting, paths: dict[str, Path], world: distributed.World,
-              batch_size: int, precise_bn_batches: int, json_path: Optional[str]):
+              batch_size: int, precise_bn_batches: int, json_path: Optional[str], refresh_report: bool = True):
+    """validate.py --suite and train.eval_suite: the table, its JSON beside the checkpoint, and (refresh_report)
+    the run's report.md rewritten to include it when the checkpoint is a run's."""
     rows, recalibrated = evaluate_suite(weights.recipe, weights.state_dict, str(weights.path), world, batch_size,
                                         paths, precise_bn_batches)
-    if world.is_main:
-        report_suite(weights, setting, rows, recalibrated, json_path)
+    if world.is_main and report_suite(weights, setting, rows, recalibrated, json_path) and refresh_report:
+        run_dir = weights.path.parent.parent
+        if weights.path.parent.name == 'checkpoints' and (run_dir / 'metrics.csv').is_file():
+            write_report(run_dir)
 
 
 def report_validation(weights, setting: EvalSetting, result: dict, recalibrated: int, json_path: Optional[str]):
@@ -362,8 +367,8 @@ def report_validation(weights, setting: EvalSetting, result: dict, recalibrated:
 
 
 def report_suite(weights: Weights, setting: EvalSetting, rows: list[dict], recalibrated: int,
-                 json_path: Optional[str]):
-    """The suite's table on the console, its JSON beside the checkpoint, and report.md when that is a run's."""
+                 json_path: Optional[str]) -> bool:
+    """The suite's table on the console and its JSON; True when that went beside the checkpoint."""
     path = weights.path
     print(f'{path.name} ({weights.kind} weights) at {setting.img_size} px, crop {setting.crop_pct:g} '
           f'({setting.crop_source}):')
@@ -371,11 +376,8 @@ def report_suite(weights: Weights, setting: EvalSetting, rows: list[dict], recal
     result = {'checkpoint': str(path), 'weights': weights.kind, 'model': weights.recipe.model.name,
               'img_size': setting.img_size, 'crop_pct': setting.crop_pct, 'crop_source': setting.crop_source,
               'precise_bn_batches': recalibrated, 'sets': rows}
-    name = suite_json_name(path.stem, weights.kind, setting.img_size, setting.crop_pct)
-    if write_result(Path(json_path) if json_path else path.with_name(name), result):
-        run_dir = path.parent.parent
-        if path.parent.name == 'checkpoints' and (run_dir / 'metrics.csv').is_file() and not json_path:
-            write_report(run_dir)
+    name = suite_json_name(path.stem, weights.kind, setting.img_size, setting.crop_pct, recalibrated)
+    return write_result(Path(json_path) if json_path else path.with_name(name), result) and not json_path
 
 
 def write_result(out: Path, result: dict) -> bool:

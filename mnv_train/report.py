@@ -173,9 +173,9 @@ def markdown(recipe: recipes.Recipe, batch: int, rows: list[dict], flags: list[b
 SUITE_PATTERN = '*.suite-*.json'  # beside the checkpoint: see suite_json_name
 
 
-def suite_json_name(checkpoint_stem: str, kind: str, img_size: int, crop_pct: float) -> str:
+def suite_json_name(checkpoint_stem: str, kind: str, img_size: int, crop_pct: float, recalibrated: int) -> str:
     """Where validate.py --suite (and train.eval_suite) keep a checkpoint's results, one file per setting."""
-    return f'{checkpoint_stem}.suite-{kind}-{img_size}-{crop_pct:g}.json'
+    return f'{checkpoint_stem}.suite-{kind}-{img_size}-{crop_pct:g}{f"-pbn{recalibrated}" if recalibrated else ""}.json'
 
 
 def suite_table(rows: list[dict]) -> list[str]:

@@ -239,3 +239,13 @@ def test_train_refuses_eval_suite_without_data_root(write_recipe, capsys):
     recipe = write_recipe({'train': {'eval_suite': 'imagenet'}})
     assert train_main(['--recipe', str(recipe), '--print-recipe']) == 2
     assert 'train.eval_suite is imagenet: pass --data-root' in capsys.readouterr().err
+
+
+def test_results_land_beside_the_checkpoint_named_by_weights_size_crop_and_recalibration(sets, tmp_path):
+    weights = tmp_path / 'constant.pth'
+    weights.write_bytes(sets['weights'].read_bytes())
+    argv = [weights, '--recipe', sets['recipe'], '--suite', 'imagenet', '--precise-bn', '1', '--sets',
+            f'imagenet-v2={sets["data"] / "imagenetv2-matched-frequency"}']
+    assert validate_main(list(map(str, argv))) == 0
+    result = json.loads((tmp_path / 'constant.suite-raw-32-1-pbn1.json').read_text())
+    assert result['precise_bn_batches'] == 1 and result['sets'][0]['top1'] == 40
