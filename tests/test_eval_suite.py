@@ -7,6 +7,8 @@ mapping gives exact, hand-computed top-1 / top-5, and a wrong one (text-sorted V
 """
 import json
 import pkgutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from timm.data import ImageNetInfo, RealLabelsImagenet
 
 from mnv_train.cli import train_main, validate_main
 
-from conftest import ONE_EPOCH, TINY, merge
+from conftest import ONE_EPOCH, REPO, TINY, merge
 
 WNIDS = ImageNetInfo('imagenet-1k').label_names()
 
@@ -249,3 +251,15 @@ def test_results_land_beside_the_checkpoint_named_by_weights_size_crop_and_recal
     assert validate_main(list(map(str, argv))) == 0
     result = json.loads((tmp_path / 'constant.suite-raw-32-1-pbn1.json').read_text())
     assert result['precise_bn_batches'] == 1 and result['sets'][0]['top1'] == 40
+
+
+def test_two_processes_score_every_set_as_one_does(sets, suite, tmp_path):
+    """Each rank scores its share of the images; ReaL's labels must follow the share, not the file order."""
+    out = tmp_path / 'two.json'
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               REPO / 'validate.py', sets['weights'], '--recipe', sets['recipe'], '--device', 'cpu', '--suite',
+               'imagenet', '--data-root', sets['data'], '--sets', 'real', 'imagenet-r', '--json', out]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows, _ = suite
+    assert json.loads(out.read_text())['sets'] == [rows['imagenet'], rows['imagenet-r'], rows['real']]
