@@ -18,6 +18,8 @@ import yaml
 from PIL import Image
 from timm.data import ImageNetInfo, RealLabelsImagenet
 
+from mnv_train import recipe as recipes
+from mnv_train import resume
 from mnv_train.cli import train_main, validate_main
 
 from conftest import ONE_EPOCH, REPO, TINY, merge
@@ -263,3 +265,9 @@ def test_two_processes_score_every_set_as_one_does(sets, suite, tmp_path):
     assert result.returncode == 0, result.stderr
     rows, _ = suite
     assert json.loads(out.read_text())['sets'] == [rows['imagenet'], rows['imagenet-r'], rows['real']]
+
+
+def test_adding_the_suite_on_resume_is_reported_not_refused():
+    saved = recipes.from_dict(TINY).to_dict()
+    changed = recipes.from_dict(merge(TINY, {'train': {'eval_suite': 'imagenet'}})).to_dict()
+    assert resume.recipe_changes(saved, changed) == [('train.eval_suite', 'none', 'imagenet', True)]
