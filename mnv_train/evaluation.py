@@ -1,8 +1,9 @@
-"""Evaluation, one path for training, validate.py, checkpoint averaging and export.
+"""Evaluation, one path for training, validate.py, checkpoint averaging, export and the evaluation suite.
 
 A tool starts from a checkpoint: its recipe (or --recipe for plain weight files), the EMA or raw weights,
 the overrides of the command line; then the model is built, optionally recalibrated (precise BN) and
-evaluated on every eval set of the recipe. Training evaluates its raw and EMA weights the same way.
+evaluated on every eval set of the recipe (eval_suite.py: on ImageNet-V2, Sketch, -R, -A and ReaL). Training
+evaluates its raw and EMA weights the same way.
 """
 from __future__ import annotations
 
