@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -16,9 +17,10 @@ from .dryrun import dry_run
 from .engine import Interrupted, StopFlag, fit
 from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_folder, recipe_overrides
 from .errors import UserError
-from .evaluation import EvalSetting, eval_setting, evaluate_weights, load_weights
+from .eval_suite import evaluate_suite, set_paths
+from .evaluation import EvalSetting, Weights, eval_setting, evaluate_weights, load_weights
 from .optim import plan_batch
-from .report import write_report
+from .report import suite_json_name, suite_table, write_report
 from .runlock import RunLock
 from .tracking import open_trackers
 
@@ -48,6 +50,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-steps', type=int, default=0, help='checkpoint and stop after this many optimizer '
                    'steps (a slice of a long run, e.g. under a job time limit); --resume auto continues it')
     p.add_argument('--quiet', action='store_true', help='only epoch summaries and warnings')
+    p.add_argument('--data-root', help='folder holding the evaluation suite\'s sets (val/, '
+                   'imagenetv2-matched-frequency/, sketch/, imagenet-r/, imagenet-a/, real.json), scored after the '
+                   'last epoch when train.eval_suite is imagenet')
     return p
 
 
@@ -58,6 +63,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     if args.list_recipes:
         return print_recipe_list()
     recipe, payload, resume_path = load_recipe(args)
+    suite = training_suite(recipe.train.eval_suite, args.data_root)
     if args.print_recipe:
         return print_recipe(recipe, args.global_batch, args.batch_size)
     world = distributed.init(args.device)
@@ -81,6 +87,8 @@ def train_main(argv: Optional[list[str]] = None) -> int:
             logs.summary(f'stopped at step {run.state.step} ({e}); checkpoint saved in {run_dir / "checkpoints"}; '
                          f'continue with --resume auto --output {run_dir}')
             return 0
+        if suite is not None:
+            suite_after_training(run, suite)
         if world.is_main:
             report = write_report(run_dir)
             run.metrics.finish_trackers([report, *sorted((run_dir / 'plots').glob('*.png'))])
@@ -102,6 +110,27 @@ def load_recipe(args: argparse.Namespace) -> tuple[recipes.Recipe, Optional[dict
     if payload is not None:
         return recipes.from_dict(recipes.apply_overrides(payload['recipe'], overrides)), payload, resume_path
     raise UserError('--recipe is required (or --resume PATH to continue from a checkpoint)')
+
+
+def training_suite(eval_suite: str, data_root: Optional[str]) -> Optional[dict[str, Path]]:
+    """The sets train.eval_suite scores after the last epoch, found under --data-root; checked before training."""
+    if eval_suite == 'none':
+        if data_root:
+            raise UserError('--data-root is for the evaluation suite after training: add '
+                            '--set train.eval_suite=imagenet')
+        return None
+    if not data_root:
+        raise UserError(f'train.eval_suite is {eval_suite}: pass --data-root, the folder holding its sets')
+    return set_paths(Path(data_root), [])
+
+
+def suite_after_training(run: Run, paths: dict[str, Path]):
+    """The suite on the final weights (EMA if any) as validate.py --suite scores last.pt, its results beside it."""
+    module = run.module if run.ema is None else run.ema.module
+    weights = Weights(copy.deepcopy(run.recipe), 'raw' if run.ema is None else 'ema', module.state_dict(),
+                      run.checkpointer.directory / 'last.pt', None)
+    run_suite(weights, apply_setting(weights, None, None), paths, run.world, run.recipe.train.batch_size, 0, None,
+              refresh_report=False)  # train_main writes report.md next
 
 
 def run_folder(output: Optional[str], recipe: recipes.Recipe, resume_path: Optional[Path]) -> Path:
@@ -255,6 +284,12 @@ def validate_parser() -> argparse.ArgumentParser:
                    help='recompute BatchNorm statistics over N training batches before evaluating')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='where to write the result (default: beside the checkpoint)')
+    p.add_argument('--suite', choices=['imagenet'], help='imagenet: ImageNet val, -V2, Sketch, -R, -A and ReaL, '
+                   'each found under --data-root in its public layout, in one table')
+    p.add_argument('--data-root', help='with --suite: the folder holding val/, imagenetv2-matched-frequency/, '
+                   'sketch/, imagenet-r/, imagenet-a/, real.json (a missing one is listed as missing)')
+    p.add_argument('--sets', nargs='+', metavar='NAME[=PATH]', help='with --suite: only these sets (imagenet, '
+                   'imagenet-v2, sketch, imagenet-r, imagenet-a, real), each optionally from its own folder')
     return p
 
 
@@ -264,17 +299,49 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     args = validate_parser().parse_args(argv)
     if args.json:  # before the evaluation, which may take long, rather than after it
         check_creatable(Path(args.json).parent, 'the folder of --json')
+    suite = validation_suite(args.suite, args.data_root, args.sets)
     overrides = recipe_overrides(args) + ([f'data.val_split={args.split}'] if args.split else [])
     weights = load_weights(Path(args.checkpoint), args.weights, args.recipe, overrides + ['data.extra_evals=[]'])
-    setting = eval_setting(weights.recipe, args.img_size, args.crop_pct)
-    weights.recipe.data.eval_img_size, weights.recipe.data.crop_pct = setting.img_size, setting.crop_pct
+    setting = apply_setting(weights, args.img_size, args.crop_pct)
     world = distributed.init(args.device)
     logs.configure(world.is_main, False)
+    if suite is not None:
+        run_suite(weights, setting, suite, world, args.batch_size, args.precise_bn, args.json)
+        return 0
     [(_, result)], _, recalibrated = evaluate_weights(weights.recipe, weights.state_dict, str(weights.path), world,
                                                       args.batch_size, args.precise_bn)
     if world.is_main:
         report_validation(weights, setting, result, recalibrated, args.json)
     return 0
+
+
+def validation_suite(suite: Optional[str], data_root: Optional[str], sets: Optional[list[str]]
+                     ) -> Optional[dict[str, Path]]:
+    """--suite's sets and where they are; None without --suite, which --data-root and --sets need."""
+    if suite is None:
+        if data_root or sets:
+            raise UserError(f'{"--data-root" if data_root else "--sets"} needs --suite imagenet')
+        return None
+    return set_paths(Path(data_root) if data_root else None, sets or [])
+
+
+def apply_setting(weights: Weights, img_size: Optional[int], crop_pct: Optional[float]) -> EvalSetting:
+    """The size and crop to evaluate at (eval_setting), set into the weights' recipe."""
+    setting = eval_setting(weights.recipe, img_size, crop_pct)
+    weights.recipe.data.eval_img_size, weights.recipe.data.crop_pct = setting.img_size, setting.crop_pct
+    return setting
+
+
+def run_suite(weights: Weights, setting: EvalSetting, paths: dict[str, Path], world: distributed.World,
+              batch_size: int, precise_bn_batches: int, json_path: Optional[str], refresh_report: bool = True):
+    """validate.py --suite and train.eval_suite: the table, its JSON beside the checkpoint, and (refresh_report)
+    the run's report.md rewritten to include it when the checkpoint is a run's."""
+    rows, recalibrated = evaluate_suite(weights.recipe, weights.state_dict, str(weights.path), world, batch_size,
+                                        paths, precise_bn_batches)
+    if world.is_main and report_suite(weights, setting, rows, recalibrated, json_path) and refresh_report:
+        run_dir = weights.path.parent.parent
+        if weights.path.parent.name == 'checkpoints' and (run_dir / 'metrics.csv').is_file():
+            write_report(run_dir)
 
 
 def report_validation(weights, setting: EvalSetting, result: dict, recalibrated: int, json_path: Optional[str]):
@@ -295,11 +362,31 @@ def report_validation(weights, setting: EvalSetting, result: dict, recalibrated:
         line += f'  expected {setting.expected_top1:.3f} ({result["delta_top1"]:+.3f})'
     print(line)
     recalibration = f'-pbn{recalibrated}' if recalibrated else ''
-    out = Path(json_path) if json_path else path.with_name(
-        f'{path.stem}.eval-{weights.kind}-{setting.img_size}-{setting.crop_pct:g}{recalibration}.json')
+    write_result(Path(json_path) if json_path else path.with_name(
+        f'{path.stem}.eval-{weights.kind}-{setting.img_size}-{setting.crop_pct:g}{recalibration}.json'), result)
+
+
+def report_suite(weights: Weights, setting: EvalSetting, rows: list[dict], recalibrated: int,
+                 json_path: Optional[str]) -> bool:
+    """The suite's table on the console and its JSON; True when that went beside the checkpoint."""
+    path = weights.path
+    print(f'{path.name} ({weights.kind} weights) at {setting.img_size} px, crop {setting.crop_pct:g} '
+          f'({setting.crop_source}):')
+    print('\n'.join(suite_table(rows)))
+    result = {'checkpoint': str(path), 'weights': weights.kind, 'model': weights.recipe.model.name,
+              'img_size': setting.img_size, 'crop_pct': setting.crop_pct, 'crop_source': setting.crop_source,
+              'precise_bn_batches': recalibrated, 'sets': rows}
+    name = suite_json_name(path.stem, weights.kind, setting.img_size, setting.crop_pct, recalibrated)
+    return write_result(Path(json_path) if json_path else path.with_name(name), result) and not json_path
+
+
+def write_result(out: Path, result: dict) -> bool:
+    """The result as JSON at out; False, with a warning, where it cannot be written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         print(f'wrote {out}')
+        return True
     except OSError as e:  # beside a checkpoint in a read-only folder: the result above is all there is
         logs.warn(f'cannot write {out} ({e.strerror}); pass --json PATH to keep the result')
+        return False

@@ -135,9 +135,10 @@ def open_image(source, name: str) -> Image.Image:
 
 
 class TimmImages:
-    """Map-style datasets through timm's readers: image folders (and tar files), 'hfds/...'."""
+    """Map-style datasets through timm's readers: image folders (and tar files), 'hfds/...'. class_map (folder
+    name -> label) replaces timm's sorted folder names, for sets whose folders are not the labels in order."""
 
-    def __init__(self, name: str, root: Optional[str], split: str, training: bool):
+    def __init__(self, name: str, root: Optional[str], split: str, training: bool, class_map: Optional[dict] = None):
         if name != 'hfds' and not name.startswith('hfds/'):
             if not root:
                 raise UserError('data.data_dir is not set: pass --data-dir with train/ and validation/ folders')
@@ -147,7 +148,7 @@ class TimmImages:
             check_split_folder(Path(root), split)
         try:
             self.dataset = create_dataset('' if name == 'folder' else name, root=root, split=split,
-                                          is_training=training)
+                                          is_training=training, class_map=class_map)
         except (FileNotFoundError, RuntimeError, ValueError, AssertionError) as e:
             raise UserError(f'cannot open {name} split {split!r} under {root}: {e}') from None
         if len(self.dataset) == 0:

@@ -1,8 +1,9 @@
-"""Evaluation, one path for training, validate.py, checkpoint averaging and export.
+"""Evaluation, one path for training, validate.py, checkpoint averaging, export and the evaluation suite.
 
 A tool starts from a checkpoint: its recipe (or --recipe for plain weight files), the EMA or raw weights,
 the overrides of the command line; then the model is built, optionally recalibrated (precise BN) and
-evaluated on every eval set of the recipe. Training evaluates its raw and EMA weights the same way.
+evaluated on every eval set of the recipe (eval_suite.py: on ImageNet-V2, Sketch, -R, -A and ReaL). Training
+evaluates its raw and EMA weights the same way.
 """
 from __future__ import annotations
 
@@ -21,23 +22,38 @@ from .pipeline import EvalSet, eval_sets
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, normalize, world: World, amp: str) -> dict:
-    """top-1 / top-5 (%) and loss over the whole split, every sample counted once across ranks."""
+def evaluate(model: torch.nn.Module, loader, normalize, world: World, amp: str,
+             real_labels: Optional[torch.Tensor] = None) -> dict:
+    """top-1 / top-5 (%) and loss over the whole split, every sample counted once across ranks. With real_labels
+    (multi-hot, one row per sample in this rank's loader order) also ReaL's real_top1 / real_top5 / real_count."""
     model.eval()
-    correct1 = correct5 = loss_sum = count = 0.0
+    correct1 = correct5 = loss_sum = count = real1 = real5 = real_count = 0.0
     for images, targets, _ in data.device_batches(loader, normalize):
         with models.autocast(amp, world.device):
             logits = model(images)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        predicted = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top = predicted == targets[:, None]
         correct1 += top[:, 0].sum()
         correct5 += top.any(dim=1).sum()
         loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction='sum')
+        if real_labels is not None:  # ReaL: a hit is any of an image's labels in the top k; unlabelled ones skip
+            labels = real_labels[int(count):int(count) + len(targets)].to(predicted.device)
+            hits = labels.gather(1, predicted)[labels.any(dim=1)]
+            real1, real5, real_count = real1 + hits[:, 0].sum(), real5 + hits.any(dim=1).sum(), real_count + len(hits)
         count += len(targets)
-    correct1, correct5, loss_sum, count = world.sum([float(correct1), float(correct5), float(loss_sum), count])
+    sums = world.sum([float(correct1), float(correct5), float(loss_sum), count, float(real1), float(real5),
+                      float(real_count)])
+    correct1, correct5, loss_sum, count, real1, real5, real_count = sums
     if count == 0:
         raise UserError('the validation split is empty')
-    return {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'loss': loss_sum / count,
-            'count': int(count)}
+    result = {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'loss': loss_sum / count,
+              'count': int(count)}
+    if real_labels is not None:
+        if real_count == 0:
+            raise UserError('ReaL: no image of the validation split has a label in real.json')
+        result.update(real_top1=100 * real1 / real_count, real_top5=100 * real5 / real_count,
+                      real_count=int(real_count))
+    return result
 
 
 def due(epoch: int, epochs: int, every: int) -> bool:
@@ -102,7 +118,25 @@ def evaluate_weights(recipe: recipes.Recipe, state_dict: dict, source_name: str,
     """([(eval set, metrics)] on every eval set of the recipe, the weights as evaluated (BatchNorm recalibrated
     over precise_bn_batches training batches if asked), how many batches recalibrated them)."""
     source = data.open_source(recipe.data, recipe.data.val_split, recipe.train.seed)
-    module = models.create(recipe.model, recipe.model.num_classes or getattr(source, 'num_classes', None))
+    model = evaluated_model(recipe, state_dict, source_name, world, batch_size, precise_bn_batches,
+                            recipe.model.num_classes or getattr(source, 'num_classes', None))
+    results = [(eval_set, evaluate(model.module, eval_set.loader, model.normalize, world, recipe.train.amp))
+               for eval_set in eval_sets(recipe, source, model.norm, world, batch_size)]
+    return results, {k: v.cpu() for k, v in model.module.state_dict().items()}, model.recalibrated
+
+
+@dataclass
+class EvaluatedModel:
+    module: torch.nn.Module  # on the device, weights loaded (and BatchNorm recalibrated if asked)
+    norm: data.Normalization
+    normalize: data.DeviceNormalize
+    recalibrated: int  # training batches that recalibrated BatchNorm
+
+
+def evaluated_model(recipe: recipes.Recipe, state_dict: dict, source_name: str, world: World, batch_size: int,
+                    precise_bn_batches: int, num_classes: Optional[int]) -> EvaluatedModel:
+    """The recipe's model with these weights, ready to evaluate: every evaluation of a state dict starts here."""
+    module = models.create(recipe.model, num_classes)
     models.load_weights(module, state_dict, source_name)
     norm = data.resolve_normalization(recipe.data, module)
     module = models.prepare(module, world.device, recipe.train.channels_last)
@@ -111,10 +145,8 @@ def evaluate_weights(recipe: recipes.Recipe, state_dict: dict, source_name: str,
         batches = precise_bn.recipe_batches(recipe, norm, world, batch_size)
         recalibrated = precise_bn.recalibrate_over_ranks([module], batches, precise_bn_batches, world,
                                                          recipe.train.amp, f'--precise-bn {precise_bn_batches}')
-    normalize = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
-    results = [(eval_set, evaluate(module, eval_set.loader, normalize, world, recipe.train.amp))
-               for eval_set in eval_sets(recipe, source, norm, world, batch_size)]
-    return results, {k: v.cpu() for k, v in module.state_dict().items()}, recalibrated
+    return EvaluatedModel(module, norm, data.DeviceNormalize(norm, world.device, recipe.train.channels_last),
+                          recalibrated)
 
 
 # ---------------------------------------------------------------------------------------------- validate.py

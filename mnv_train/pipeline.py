@@ -9,7 +9,7 @@ import torch
 
 from . import data, device_decode
 from .distributed import World
-from .recipe import Recipe
+from .recipe import DataConfig, Recipe
 
 
 @dataclass
@@ -25,14 +25,17 @@ def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, ba
     cfg = recipe.data
     sizes = [('', cfg.eval_img_size or cfg.img_size, cfg.crop_pct)]
     sizes += [(f'@{int(size)}', int(size), float(crop)) for size, crop in cfg.extra_evals]
-    sets = []
-    for name, size, crop in sizes:
-        dataset = data.TransformedDataset(source, data.eval_transform(size, crop, cfg.interpolation, norm))
-        sampler = data.ShardSampler(len(source), world.rank, world.size)
-        loader = data.make_loader(dataset, sampler, batch_size, cfg.num_workers, drop_last=False,
-                                  pin_memory=world.device.type == 'cuda')
-        sets.append(EvalSet(name, size, crop, loader))
-    return sets
+    return [EvalSet(name, size, crop, eval_loader(cfg, source, size, crop, norm, world, batch_size))
+            for name, size, crop in sizes]
+
+
+def eval_loader(cfg: DataConfig, source, img_size: int, crop_pct: float, norm: data.Normalization, world: World,
+                batch_size: int) -> torch.utils.data.DataLoader:
+    """This rank's share of every sample of `source`, resized and center-cropped as the recipe evaluates."""
+    dataset = data.TransformedDataset(source, data.eval_transform(img_size, crop_pct, cfg.interpolation, norm))
+    sampler = data.ShardSampler(len(source), world.rank, world.size)
+    return data.make_loader(dataset, sampler, batch_size, cfg.num_workers, drop_last=False,
+                            pin_memory=world.device.type == 'cuda')
 
 
 def fit_check_set(recipe: Recipe, train_source, norm: data.Normalization, world: World,

@@ -215,6 +215,7 @@ class TrainConfig:
     # minutes an evaluation, a compile or another host's clock could make a live job's lock look stale
     precise_bn_batches: int = _f(0, ge=0)  # recompute BN statistics over this many train batches before eval
     fit_check_images: int = _f(10000, ge=0)  # training images evaluated like validation ones, for the fit hint
+    eval_suite: Literal['none', 'imagenet'] = 'none'  # last weights on train.py --data-root's sets (validate --suite)
     wandb: Optional[WandbConfig] = None  # experiment trackers, besides TensorBoard and the CSV files
     mlflow: Optional[MlflowConfig] = None
 

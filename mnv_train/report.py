@@ -6,6 +6,7 @@ still going), so a run can be judged from its folder alone.
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -163,7 +164,44 @@ def markdown(recipe: recipes.Recipe, batch: int, rows: list[dict], flags: list[b
     lines += ['', 'train top1: top-1 on a fixed subset of training images, prepared like the validation images; '
               'gap: train top1 minus top1, in points (growing: overfitting).', '']
     lines += [f'![{plot.stem}]({plot.relative_to(run_dir).as_posix()})' for plot in plots]
+    lines += suite_sections(run_dir)
     return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------------------------- evaluation suite
+
+SUITE_PATTERN = '*.suite-*.json'  # beside the checkpoint: see suite_json_name
+
+
+def suite_json_name(checkpoint_stem: str, kind: str, img_size: int, crop_pct: float, recalibrated: int) -> str:
+    """Where validate.py --suite (and train.eval_suite) keep a checkpoint's results, one file per setting."""
+    return f'{checkpoint_stem}.suite-{kind}-{img_size}-{crop_pct:g}{f"-pbn{recalibrated}" if recalibrated else ""}.json'
+
+
+def suite_table(rows: list[dict]) -> list[str]:
+    """The suite's results as a Markdown table, the same on the console and in report.md."""
+    lines = ['| set | images | top-1 | top-5 | gap to ImageNet val |', '|---|---|---|---|---|']
+    for row in rows:
+        if row.get('missing'):
+            lines.append(f'| {row["set"]} | missing ({row["path"]}) | | | |')
+        else:
+            lines.append(f'| {row["set"]} | {row["images"]} | {row["top1"]:.2f} | {row["top5"]:.2f} | '
+                         f'{cell(row.get("gap_top1"), "+.2f")} |')
+    return lines
+
+
+def suite_sections(run_dir: Path) -> list[str]:
+    """A section per suite result kept beside the run's checkpoints."""
+    lines = []
+    for path in sorted((run_dir / 'checkpoints').glob(SUITE_PATTERN)):
+        try:
+            result = json.loads(path.read_text())
+            heading = (f'## Evaluation suite: {Path(result["checkpoint"]).name}, {result["weights"]} weights, '
+                       f'{result["img_size"]} px, crop {result["crop_pct"]:g}')
+            lines += ['', heading, '', *suite_table(result['sets'])]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f'{path}: not a readable evaluation suite result ({e})') from None
+    return lines
 
 
 def accuracy_gap(row: dict) -> Optional[float]:

@@ -137,7 +137,7 @@ OBSERVING_KEYS = ('name', 'description', 'provenance.*', 'schedule.epochs', 'dat
                   'train.log_every', 'train.eval_every', 'train.keep_checkpoints', 'train.keep_best_checkpoints',
                   'train.checkpoint_every_steps', 'train.checkpoint_every_minutes', 'train.max_bad_steps',
                   'train.lock_stale_minutes', 'train.wandb', 'train.wandb.*', 'train.mlflow', 'train.mlflow.*',
-                  'train.fit_check_images')
+                  'train.fit_check_images', 'train.eval_suite')
 
 
 def recipe_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any, bool]]:
