@@ -49,9 +49,11 @@ to RandAugment, so in Google's own ImageNet runs it acts as 0. All MNV4 configs 
 from __future__ import annotations
 
 import difflib
+import math
 import random
 from typing import Callable
 
+import numpy as np
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
 from timm.data.auto_augment import AugmentOp, RandAugment
@@ -72,7 +74,7 @@ for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
     timm_auto_augment.NAME_TO_OP[_name] = posterize_zero_safe
 
 _KEY = 'aug.tf_randaugment'
-_FILL = (128, 128, 128)  # Google's `replace` for every pixel an op uncovers
+_FILL = (128, 128, 128)  # Google's `replace`: only Cutout uses it (see the module docstring)
 _MAX_LEVEL = 10.  # Google's _MAX_LEVEL: an op's range is reached at magnitude 10
 
 
@@ -80,10 +82,98 @@ def _identity(img, **_):
     return img
 
 
+def _pixels(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.float32)
+
+
+def _to_image(values: np.ndarray) -> Image.Image:
+    """TF's float -> uint8 cast: clip, then truncate."""
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+
+
+def _reflect(coords: np.ndarray, size: int) -> np.ndarray:
+    """TF's FILL_REFLECT ((d c b a | a b c d | d c b a), the edge pixel repeated), then its clamp to the image."""
+    period = 2 * size
+    low = coords + period * np.trunc(-coords / period)
+    low = np.where(low < -size, low + period, -low - 1)
+    high = coords - period * np.trunc(coords / period)
+    high = np.where(high >= size, period - high - 1, high)
+    return np.clip(np.where(coords < 0, low, np.where(coords > size - 1, high, coords)), 0, size - 1)
+
+
+def _project(img, matrix, **_):
+    """ImageProjectiveTransformV3 as Google's `transform` calls it: output (x, y) reads input (a0 x + a1 y + a2,
+    b0 x + b1 y + b2), nearest neighbour (round half away from zero) in float32, fill mode reflect."""
+    pixels = np.asarray(img)
+    height, width = pixels.shape[:2]
+    y, x = np.mgrid[:height, :width].astype(np.float32)
+    a0, a1, a2, b0, b1, b2 = np.asarray(matrix, np.float32)
+    source_x = np.floor(_reflect(a0 * x + a1 * y + a2, width) + np.float32(.5)).astype(np.intp)
+    source_y = np.floor(_reflect(b0 * x + b1 * y + b2, height) + np.float32(.5)).astype(np.intp)
+    return Image.fromarray(pixels[source_y, source_x])
+
+
+def _rotate(img, degrees, **_):
+    angle = np.float32(degrees * math.pi / 180.)
+    cos, sin = np.cos(angle), np.sin(angle)
+    width, height = np.float32(img.width - 1), np.float32(img.height - 1)
+    x_offset = (width - (cos * width - sin * height)) / np.float32(2)
+    y_offset = (height - (sin * width + cos * height)) / np.float32(2)
+    return _project(img, (cos, -sin, x_offset, sin, cos, y_offset))
+
+
+def _shear_x(img, factor, **_):
+    return _project(img, (1, factor, 0, 0, 1, 0))
+
+
+def _shear_y(img, factor, **_):
+    return _project(img, (1, 0, 0, factor, 1, 0))
+
+
+def _translate_x(img, pixels, **_):
+    return _project(img, (1, 0, pixels, 0, 1, 0))
+
+
+def _translate_y(img, pixels, **_):
+    return _project(img, (1, 0, 0, 0, 1, pixels))
+
+
+def _blend(base: np.ndarray, img, factor: float) -> Image.Image:
+    """Google's blend: float32 base + factor * (image - base), clipped and truncated to uint8."""
+    return _to_image(base + np.float32(factor) * (_pixels(img) - base))
+
+
+def _color(img, factor, **_):
+    """Blend with tf.image.rgb_to_grayscale: float weights, truncated to uint8 (PIL rounds integer weights)."""
+    weights = np.array([0.2989, 0.5870, 0.1140], np.float32)
+    grey = np.trunc(_pixels(img) / np.float32(255) @ weights * np.float32(255.5))[..., None]
+    return _blend(np.broadcast_to(grey, (img.height, img.width, 3)), img, factor)
+
+
+def _sharpness(img, factor, **_):
+    """Blend with TF's 3x3 smoothing (centre 5, rest 1, / 13) truncated to uint8; the 1 px border keeps the image."""
+    pixels = _pixels(img)
+    smooth = pixels.copy()
+    kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / np.float32(13)
+    window = sum(pixels[dy:dy + img.height - 2, dx:dx + img.width - 2] * kernel[dy, dx]
+                 for dy in range(3) for dx in range(3))
+    smooth[1:-1, 1:-1] = np.trunc(np.clip(window, 0, 255))
+    return _blend(smooth, img, factor)
+
+
 def _contrast(img, factor, **_):
-    """Google's blend towards min(255, pixel count / 256), which is what its histogram 'mean' computes."""
-    grey = int(min(255., img.width * img.height / 256.))
-    return Image.blend(Image.new(img.mode, img.size, (grey,) * len(img.getbands())), img, factor)
+    """tf.image.adjust_contrast: each channel moves away from its own mean, in [0, 1] floats, x 255.5 truncated."""
+    pixels = _pixels(img) / np.float32(255)
+    mean = pixels.mean(axis=(0, 1), dtype=np.float32)
+    return _to_image(((pixels - mean) * np.float32(factor) + mean) * np.float32(255.5))
+
+
+def _auto_contrast(img, **_):
+    """Google's autocontrast: each channel stretched to 0-255 in float32 and truncated (PIL's lookup table rounds)."""
+    pixels = _pixels(img)
+    low, high = pixels.min(axis=(0, 1)), pixels.max(axis=(0, 1))
+    scale = np.float32(255) / np.where(high > low, high - low, 1)
+    return _to_image(np.where(high > low, pixels * scale - low * scale, pixels))
 
 
 def _cutout(img, pad, fillcolor, **_):
@@ -98,6 +188,10 @@ def _cutout_level_to_arg(level, hparams):
     return int(level / _MAX_LEVEL * hparams['cutout_const']),
 
 
+def _solarize_level_to_arg(level, _hparams):
+    return int(level / _MAX_LEVEL * 256) % 256,  # Google compares uint8 pixels with a uint8 threshold: it wraps
+
+
 def _solarize_add_level_to_arg(level, _hparams):
     return int(level / _MAX_LEVEL * 110),  # timm's caps this at 128; Google's does not
 
@@ -105,20 +199,20 @@ def _solarize_add_level_to_arg(level, _hparams):
 # Google's ops in Google's order -> (timm AugmentOp to start from, op function, level-to-arg); None keeps timm's.
 # Cutout and Identity have no timm op: they start from Invert, which takes no argument, and replace its function.
 _OPS = {
-    'AutoContrast': ('AutoContrast', None, None),
+    'AutoContrast': ('AutoContrast', _auto_contrast, None),
     'Equalize': ('Equalize', None, None),
     'Invert': ('Invert', None, None),
-    'Rotate': ('Rotate', None, None),
+    'Rotate': ('Rotate', _rotate, None),
     'Posterize': ('Posterize', posterize_zero_safe, None),
-    'Solarize': ('Solarize', None, None),
-    'Color': ('Color', None, None),
+    'Solarize': ('Solarize', None, _solarize_level_to_arg),
+    'Color': ('Color', _color, None),
     'Contrast': ('Contrast', _contrast, None),
     'Brightness': ('Brightness', None, None),
-    'Sharpness': ('Sharpness', None, None),
-    'ShearX': ('ShearX', None, None),
-    'ShearY': ('ShearY', None, None),
-    'TranslateX': ('TranslateX', None, None),
-    'TranslateY': ('TranslateY', None, None),
+    'Sharpness': ('Sharpness', _sharpness, None),
+    'ShearX': ('ShearX', _shear_x, None),
+    'ShearY': ('ShearY', _shear_y, None),
+    'TranslateX': ('TranslateX', _translate_x, None),
+    'TranslateY': ('TranslateY', _translate_y, None),
     'Cutout': ('Invert', _cutout, _cutout_level_to_arg),
     'SolarizeAdd': ('SolarizeAdd', None, _solarize_add_level_to_arg),
 }
