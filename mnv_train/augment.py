@@ -51,13 +51,17 @@ from __future__ import annotations
 import difflib
 import math
 import random
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
 from timm.data.auto_augment import AugmentOp, RandAugment
+from timm.data.mixup import Mixup
 
+from . import logs
 from .errors import UserError
 
 
@@ -268,3 +272,115 @@ def _check_fits_image(cfg, names: list[str], img_size: int):
             raise UserError(f'{_KEY}.{key}: {getattr(cfg, key):g} at magnitude {cfg.magnitude:g} reaches {pixels:g} '
                             f'px, the whole {img_size} px image; it is in pixels, not a fraction '
                             f"(Google's MNV4 configs use 10-40)")
+
+
+@dataclass
+class OpEffect:
+    """One RandAugment op at its largest level: px for translates and cutout, degrees for rotate and shear, the
+    op's own argument otherwise (bits, threshold, blend factor); `chance` that an image gets it."""
+    name: str
+    level: float
+    value: Optional[float]
+    unit: str
+    chance: float
+
+    def text(self) -> str:
+        if self.value is None:
+            return '-'
+        return f'{self.value:.0f} px' if self.unit == 'px' else f'{self.value:.3g}{self.unit}'
+
+
+def rand_augment_effects(transform: RandAugment, img_size: int) -> list[OpEffect]:
+    """Every op of a timm RandAugment (timm's own or Google's here) at the largest level timm's AugmentOp can draw,
+    through the op's own level-to-arg function, at a square train size of img_size."""
+    state = random.getstate()  # level functions draw a random sign; the caller's stream stays as it was
+    try:
+        return [_effect(op, _largest_level(op), img_size, _chance(transform, index))
+                for index, op in enumerate(transform.ops)]
+    finally:
+        random.setstate(state)
+
+
+def _largest_level(op: AugmentOp) -> float:
+    """AugmentOp.__call__'s range: noise (std > 0) can reach the clamp, uniform noise (std inf) only the magnitude."""
+    bound = op.magnitude_max or timm_auto_augment._LEVEL_DENOM
+    top = bound if 0 < op.magnitude_std < float('inf') else op.magnitude
+    return max(0., min(top, bound))
+
+
+def _effect(op: AugmentOp, level: float, img_size: int, chance: float) -> OpEffect:
+    args = op.level_fn(level, op.hparams) if op.level_fn is not None else ()
+    value = abs(float(args[0])) if args else None
+    unit = ''
+    if op.name.startswith('Translate'):
+        value, unit = (value * img_size if op.name.endswith('Rel') else value), 'px'
+    elif op.name.startswith('Rotate'):
+        unit = ' deg'
+    elif op.name.startswith('Shear'):
+        value, unit = math.degrees(math.atan(value)), ' deg'
+    elif op.name == 'Cutout':
+        value, unit = 2 * value, 'px'
+    return OpEffect(op.name, level, value, unit, chance)
+
+
+def _chance(transform: RandAugment, index: int) -> float:
+    """P(an image gets op `index`): picked in one of num_layers draws (uniform with replacement, or timm's weighted
+    draws without replacement), then passing the op's own probability gate."""
+    ops, layers, weights = transform.ops, transform.num_layers, transform.choice_weights
+    if weights is None:
+        return 1 - (1 - ops[index].prob / len(ops)) ** layers
+
+    def missed(left: tuple, draws: int) -> float:
+        if draws == 0 or len(left) == 0:
+            return 1.
+        total = sum(weights[j] for j in left)
+        return sum(weights[j] / total * missed(tuple(k for k in left if k != j), draws - 1)
+                   for j in left if j != index)
+
+    return (1 - missed(tuple(range(len(ops))), layers)) * ops[index].prob
+
+
+def warn_beyond_timm_range(transforms: list, img_size: int, key: str = 'aug.auto_augment'):
+    """One line when a timm RandAugment among `transforms` can run past magnitude 10, which no known timm recipe
+    does, naming the op that moves pixels the furthest and by how much at this train size."""
+    effects = [e for t in transforms if isinstance(t, RandAugment) for e in rand_augment_effects(t, img_size)
+               if e.level > timm_auto_augment._LEVEL_DENOM]
+    if not effects:
+        return
+    worst = max(effects, key=lambda e: (e.unit == 'px', e.unit == ' deg', e.value or 0))
+    logs.warn(f'{key}: timm RandAugment at magnitude {worst.level:g} (> 10): {worst.name} reaches {worst.text()} at '
+              f'{img_size} px; timm caps magnitudes at 10 and no known timm recipe goes past it')
+
+
+class GoogleMixup(Mixup):
+    """Google's MixupAndCutmix (official/vision/ops/augment.py, as run for tests/fixtures/google_augment): whether to
+    mix, and mixup or cutmix, is drawn once per batch; lambda and the cutmix box per sample; each image is paired with
+    the reversed batch. The box is [c - side // 2, c + side // 2) around a uniform centre, clipped, with
+    side = int(sqrt(1 - lambda) * height) on both axes, and the label weight is 1 - side^2 / (height * width) even
+    where the box was clipped. Labels are smoothed, then mixed, which is timm's mixup_target."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{**kwargs, 'mode': 'elem', 'correct_lam': False})
+
+    def _params_per_elem(self, batch_size):
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or np.random.rand() < self.switch_prob)
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        lam = np.ones(batch_size, np.float32)
+        if self.mixup_enabled and np.random.rand() < self.mix_prob:
+            lam = np.random.beta(alpha, alpha, batch_size).astype(np.float32)
+        return lam, np.full(batch_size, use_cutmix)
+
+    def _mix_elem(self, x):
+        lam, use_cutmix = self._params_per_elem(len(x))
+        partner = x.flip(0)
+        if use_cutmix[0]:
+            height, width = x.shape[-2:]
+            for i, side in enumerate(np.sqrt(1 - lam) * height):
+                half, y, z = int(side) // 2, np.random.randint(height), np.random.randint(width)
+                box = (slice(max(0, y - half), y + half), slice(max(0, z - half), z + half))
+                x[i][(slice(None), *box)] = partner[i][(slice(None), *box)]
+                lam[i] = 1 - int(side) ** 2 / (height * width)
+        elif (lam < 1).any():
+            weight = torch.as_tensor(lam, device=x.device, dtype=x.dtype).view(-1, *[1] * (x.ndim - 1))
+            x.mul_(weight).add_(partner.mul_(1 - weight))
+        return torch.as_tensor(lam, device=x.device, dtype=x.dtype).unsqueeze(1)
