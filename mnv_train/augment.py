@@ -52,7 +52,7 @@ import difflib
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -277,17 +277,15 @@ def _check_fits_image(cfg, names: list[str], img_size: int):
 @dataclass
 class OpEffect:
     """One RandAugment op at its largest level: px for translates and cutout, degrees for rotate and shear, the
-    op's own argument otherwise (bits, threshold, blend factor); `chance` that an image gets it."""
+    level itself for the rest; `chance` that an image gets it."""
     name: str
     level: float
-    value: Optional[float]
+    value: float
     unit: str
     chance: float
 
     def text(self) -> str:
-        if self.value is None:
-            return '-'
-        return f'{self.value:.0f} px' if self.unit == 'px' else f'{self.value:.3g}{self.unit}'
+        return {'px': f'{self.value:.0f} px', 'deg': f'{self.value:.3g} deg'}.get(self.unit, f'level {self.level:g}')
 
 
 def rand_augment_effects(transform: RandAugment, img_size: int) -> list[OpEffect]:
@@ -309,18 +307,17 @@ def _largest_level(op: AugmentOp) -> float:
 
 
 def _effect(op: AugmentOp, level: float, img_size: int, chance: float) -> OpEffect:
-    args = op.level_fn(level, op.hparams) if op.level_fn is not None else ()
-    value = abs(float(args[0])) if args else None
-    unit = ''
+    """Geometric ops through their own level-to-arg function (its random sign dropped); the rest by level."""
+    if not op.name.startswith(('Translate', 'Rotate', 'Shear', 'Cutout')):
+        return OpEffect(op.name, level, level, 'level', chance)
+    value = abs(float(op.level_fn(level, op.hparams)[0]))
     if op.name.startswith('Translate'):
-        value, unit = (value * img_size if op.name.endswith('Rel') else value), 'px'
-    elif op.name.startswith('Rotate'):
-        unit = ' deg'
-    elif op.name.startswith('Shear'):
-        value, unit = math.degrees(math.atan(value)), ' deg'
-    elif op.name == 'Cutout':
-        value, unit = 2 * value, 'px'
-    return OpEffect(op.name, level, value, unit, chance)
+        return OpEffect(op.name, level, value * img_size if op.name.endswith('Rel') else value, 'px', chance)
+    if op.name.startswith('Shear'):
+        return OpEffect(op.name, level, math.degrees(math.atan(value)), 'deg', chance)
+    if op.name == 'Cutout':
+        return OpEffect(op.name, level, 2 * value, 'px', chance)
+    return OpEffect(op.name, level, value, 'deg', chance)
 
 
 def _chance(transform: RandAugment, index: int) -> float:
@@ -347,7 +344,7 @@ def warn_beyond_timm_range(transforms: list, img_size: int, key: str = 'aug.auto
                if e.level > timm_auto_augment._LEVEL_DENOM]
     if not effects:
         return
-    worst = max(effects, key=lambda e: (e.unit == 'px', e.unit == ' deg', e.value or 0))
+    worst = max(effects, key=lambda e: (e.unit == 'px', e.unit == 'deg', e.value))
     logs.warn(f'{key}: timm RandAugment at magnitude {worst.level:g} (> 10): {worst.name} reaches {worst.text()} at '
               f'{img_size} px; timm caps magnitudes at 10 and no known timm recipe goes past it')
 
