@@ -1,50 +1,33 @@
-"""PIL-level augmentation: a guard that keeps timm's RandAugment alive on Pillow 13, and Google's RandAugment
-(TF Model Garden, official/vision/ops/augment.py) as a PIL transform for the `*_tf` recipes.
+"""PIL-level augmentation: a guard that keeps timm's RandAugment alive on Pillow 13; Google's RandAugment and
+MixupAndCutmix (TF Model Garden, official/vision/ops/augment.py) for the `*_tf` recipes, as Google's code actually
+runs them; and the largest effect of each RandAugment op, for the dry run's preview and a warning.
 
-The `*_tf` recipes reproduce Google's MobileNetV4 configs, and Google's RandAugment is not timm's `rand-mX`, so no
-timm string reproduces it. Google translates by `magnitude / 10 * translate_const` pixels, not by a fraction of
-the image: 15 px at M15 with translate_const 10, where timm's rand-m15-mmax15 moves a 384 px image by up to
-259 px. Google fills uncovered pixels with 128, not the image mean. It chooses among its ops plus an identity
-branch, and applies the chosen op with `prob_to_apply`, not 0.5. It does not cap the magnitude at 10, and it
-scales SolarizeAdd, Contrast and Cutout its own way. This module builds Google's version from timm's AugmentOp and
-RandAugment. It swaps in its own op function or level function only where timm's differs from Google's.
-
-Level L = magnitude, not capped at 10. When magnitude_std > 0, L = clip(magnitude + N(0, 1), 0, 10). Google's std
-only switches the noise on, because its noise always has std 1. Per op (geometric ops use nearest-neighbour
-sampling and fill with 128, as Google does):
-  AutoContrast, Equalize, Invert  timm's PIL ops; Google's ops are TF ports of the same PIL code. Same output.
-  Rotate        +-30 * L/10 degrees, timm's op. Differences: PIL samples at pixel centres and TF at integer
-                coordinates, so a few pixels can land one pixel apart.
-  ShearX/Y      +-0.3 * L/10, timm's op with Google's matrix. Same sampling-grid difference as Rotate (half a
-                pixel times the shear factor).
-  TranslateX/Y  +-translate_const * L/10 px, timm's absolute-pixel op. Whole-pixel shifts match exactly.
-                PIL rounds fractional shifts in its own way.
-  Posterize     keeps int(4 * L/10) bits, timm's 'Posterize' level (not 'PosterizeIncreasing'). Uses
-                posterize_zero_safe, because Pillow 13 refuses 0 bits. 0 bits (L < 2.5) gives black, a
-                full 8-bit shift; TF calls a shift by the bit width implementation-defined, so Google's own
-                output there is uncertain.
-  Solarize      inverts pixels >= int(256 * L/10), timm's op (its cap at 256 inverts nothing either). Does
-                nothing at L >= 10.
-  Color, Brightness, Sharpness
-                blend factor 1.8 * L/10 + 0.1 (2.8 at M15), timm's fixed-sign ops (not '*Increasing'). Color
-                uses PIL's integer grey weights and Sharpness's PIL filter rounds where TF truncates, so values
-                can differ by one grey level.
-  Contrast      hand-written. Google blends towards a constant grey of min(255, pixels / 256): its 'mean' is
-                the sum of a 256-bin histogram divided by 256, i.e. the pixel count / 256. That is 196 at 224 px
-                and 255 from 256 px on. PIL and timm use the image's mean grey. Google's version is reproduced
-                on purpose.
-  Cutout        hand-written; timm has none. A square of side 2 * int(cutout_const * L/10) filled with 128,
-                centred on a uniformly drawn pixel and clipped at the borders.
-  SolarizeAdd   timm's op (adds to pixels < 128, clips at 255) with Google's level int(110 * L/10). timm's
-                level caps at 128; Google's reaches 165 at M15.
-  Identity      hand-written. Google's extra branch of the op choice; it cannot be excluded.
-Each layer picks one op uniformly, with replacement, from the ops left after exclude_ops plus Identity (timm's
-RandAugment, numpy's global RNG). Google's `tf.random.uniform(maxval=len(ops) + 1)` does the same. The op runs with
-probability prob_to_apply, or always when that is None. Google's RandAugment also draws a per-op probability in
-[0.2, 0.8] but then discards it, so this module has no equivalent. Signs, gates, noise and Cutout centres come
-from `random`. Input must be RGB, like Google's.
-Not reproduced: Google's classification parser (dataloaders/classification_input.py) never passes magnitude_std
-to RandAugment, so in Google's own ImageNet runs it acts as 0. All MNV4 configs set 0 anyway.
+The `*_tf` recipes reproduce Google's MobileNetV4 configs, and Google's RandAugment is not timm's `rand-mX`.
+tools/google_augment_fixtures.py ran Google's code (tensorflow-cpu 2.21.0, tf-models-official 2.20.0) and
+tests/test_augment.py compares every op below with its output at magnitudes 5, 10 and 15: all equal, pixel for
+pixel. Several behaviours differ from what Google's source seems to intend; this module follows what it does:
+  Translate/Rotate/Shear  Google wraps the image in an alpha channel so that uncovered pixels become 128, but its
+                `transform` defaults to fill_mode 'reflect', so the alpha is never 0 and uncovered pixels are the
+                image mirrored about its edge pixel (d c b a | a b c d). Nearest-neighbour sampling, rounding half
+                away from zero, in float32. Translate is +-translate_const * L/10 px, Rotate +-30 * L/10 degrees
+                about the image centre, Shear +-0.3 * L/10; the sign is random.
+  Solarize      threshold int(256 * L/10) compared with uint8 pixels, so it wraps: M10 -> 0 inverts every pixel,
+                M15 -> 384 -> 128 inverts pixels >= 128. No error and no no-op.
+  Contrast      tf.image.adjust_contrast: each channel moves away from its own mean by the factor, in [0, 1]
+                floats, converted back as x 255.5 truncated (not the histogram grey of older Model Garden code).
+  Color, Sharpness, AutoContrast  Google's float32 arithmetic truncated to uint8 (PIL rounds).
+  Posterize     keeps int(4 * L/10) bits, timm's 'Posterize' op. posterize_zero_safe handles 0 bits (L < 2.5,
+                not among the fixtures), which Pillow 13 refuses; black there.
+  Brightness, Equalize, Invert  timm's PIL ops give Google's output exactly.
+  SolarizeAdd   timm's op with Google's level int(110 * L/10) (timm's caps at 128; Google's reaches 165).
+  Cutout        a (2 * int(cutout_const * L/10)) px square of 128 centred on a uniform pixel, clipped.
+  Identity      Google's extra branch of the op choice; it cannot be excluded.
+Level L = magnitude, not capped at 10; with magnitude_std > 0, L = clip(magnitude + N(0, 1), 0, 10) (Google's
+noise always has std 1). Each layer picks one op uniformly, with replacement, from the ops left after exclude_ops
+plus Identity (timm's RandAugment, numpy's global RNG), and runs it with probability prob_to_apply, or always
+when that is None. Google also draws a per-op probability in [0.2, 0.8] and discards it. Input must be RGB.
+Not reproduced: Google's classification parser never passes magnitude_std to RandAugment (all MNV4 configs set 0),
+and TF's bilinear resize without antialiasing (the crop is still PIL's, see docs/recipes-reference.md 4.8).
 """
 from __future__ import annotations
 

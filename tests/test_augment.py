@@ -331,3 +331,15 @@ def test_the_largest_effects_come_from_timms_level_functions_and_leave_the_rando
     assert effects['TranslateXRel'].text() == '90 px'  # 0.45 x 200 at the clamp 10: noise can reach it
     assert effects['Rotate'].text() == '30 deg' and effects['ShearX'].text() == '16.7 deg'  # atan(0.3)
     assert effects['Rotate'].chance == pytest.approx(1 - (1 - 0.5 / 15) ** 2)
+
+
+def test_tfs_bilinear_resize_is_torchs_without_antialias_and_pils_bilinear_is_not():
+    fixture = np.load(FIXTURES / 'resize.npz')
+    pixels = torch.tensor(fixture['input'], dtype=torch.float32).permute(2, 0, 1)[None]
+    for size in (13, 20, 48):
+        google = fixture[f'to_{size}']
+        ours = torch.nn.functional.interpolate(pixels, size=(size, size), mode='bilinear', align_corners=False,
+                                               antialias=False)[0].permute(1, 2, 0).numpy()
+        assert np.abs(ours - google).max() < 1e-3
+        pil = np.asarray(Image.fromarray(fixture['input']).resize((size, size), Image.Resampling.BILINEAR))
+        assert np.abs(pil - google).max() > (5 if size < 32 else 0.5)  # PIL antialiases when it shrinks
