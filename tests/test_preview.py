@@ -68,7 +68,7 @@ def test_the_preview_captions_name_the_ops_that_changed_each_image_and_the_mixed
     ops = rand_augment.ops
     images, captions = augmented_batch(run, rand_augment)
     assert rand_augment.ops is ops  # the recorders are taken out again
-    assert images.shape == (PREVIEW_IMAGES, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (PREVIEW_IMAGES, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     names = {op.name for op in ops}
     applied = [caption.split('\n')[0] for caption in captions]
     assert sum(part in names for caption in applied for part in caption.split(' + ')) > PREVIEW_IMAGES  # ~2 each
