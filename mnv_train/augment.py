@@ -340,6 +340,9 @@ class GoogleMixup(Mixup):
     where the box was clipped. Labels are smoothed, then mixed, which is timm's mixup_target."""
 
     def __init__(self, **kwargs):
+        if kwargs.get('cutmix_minmax') is not None:
+            raise UserError("aug.cutmix_minmax: Google's MixupAndCutmix (aug.mixup_mode google) draws the box from "
+                            'aug.cutmix only; set cutmix_minmax to null or mixup_mode to batch')
         super().__init__(**{**kwargs, 'mode': 'elem', 'correct_lam': False})
 
     def _params_per_elem(self, batch_size):

@@ -343,3 +343,8 @@ def test_tfs_bilinear_resize_is_torchs_without_antialias_and_pils_bilinear_is_no
         assert np.abs(ours - google).max() < 1e-3
         pil = np.asarray(Image.fromarray(fixture['input']).resize((size, size), Image.Resampling.BILINEAR))
         assert np.abs(pil - google).max() > (5 if size < 32 else 0.5)  # PIL antialiases when it shrinks
+
+
+def test_google_mixup_with_timms_cutmix_minmax_is_a_user_error_naming_the_key():
+    with pytest.raises(UserError, match=r'aug\.cutmix_minmax: .*set cutmix_minmax to null'):
+        GoogleMixup(mixup_alpha=0.8, cutmix_alpha=1.0, cutmix_minmax=[0.2, 0.8], num_classes=10)
