@@ -6,7 +6,7 @@ Set-up (tf-models-official's full dependency list is large; augment.py imports o
     python -m venv /tmp/tfvenv
     /tmp/tfvenv/bin/pip install tensorflow-cpu matplotlib
     /tmp/tfvenv/bin/pip install --no-deps tf-models-official tf-keras pyyaml gin-config tensorflow-datasets etils \
-        scipy immutabledict pycocotools pillow opencv-python-headless
+        scipy immutabledict pycocotools pillow opencv-python-headless toml
     /tmp/tfvenv/bin/python tools/google_augment_fixtures.py
 
 Writes (about 0.4 MB in all):
