@@ -224,6 +224,7 @@ def train_transform(cfg: DataConfig, aug: AugConfig, norm: Normalization):
         cfg.img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment, interpolation=aug.train_interpolation,
         mean=norm.mean, std=norm.std, use_prefetcher=True, separate=True)
+    augment.warn_beyond_timm_range(colour.transforms, cfg.img_size)
     google = [augment.tf_rand_augment(aug.tf_randaugment, cfg.img_size)] if aug.tf_randaugment is not None else []
     return transforms.Compose([*crop_flip.transforms, *colour.transforms, *google, *to_tensor.transforms])
 
@@ -413,7 +414,8 @@ class BatchAugment:
                       if aug.reprob > 0 else None)
         self.mixup = None
         if mixes_batches(aug):
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, cutmix_minmax=aug.cutmix_minmax,
+            mixer = augment.GoogleMixup if aug.mixup_mode == 'google' else Mixup
+            self.mixup = mixer(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, cutmix_minmax=aug.cutmix_minmax,
                                prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
                                label_smoothing=smoothing, num_classes=num_classes)
         self.mixup_off_epoch = aug.mixup_off_epoch

@@ -1,7 +1,8 @@
 """--dry-run: everything a login node can tell about a run before it starts, without training it.
 
 The resolved recipe and batch plan, the LR at every 10 % of the schedule, the EMA's horizon and effective
-decay, and the time an optimizer step will take, from a few timed micro-batches.
+decay, a preview of the augmented training images (preview.py), and the time an optimizer step will take, from a
+few timed micro-batches.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .build import Run
 from .diagnostics import duration, ema_full_decay_step, ema_half_life, run_ema_warm_step
 from .engine import forward_backward, optimizer_step
 from .plots import pyplot, save_figure
+from .preview import write_preview
 
 BENCHMARK_TIMED = 3  # micro-batches and optimizer updates timed
 PROBE_SECONDS = 4.0  # longest micro-batch timed before a smaller probe batch is scaled up instead
@@ -32,9 +34,12 @@ def dry_run(run: Run) -> str:
     sections = [run.recipe.to_yaml().rstrip(), run.plan.report(run.recipe), '\n'.join(schedule_lines(run)),
                 '\n'.join(ema_lines(run))]
     plot = plot_lr_schedule(run) if run.world.is_main else None
+    preview = write_preview(run) if run.world.is_main else []  # before the benchmark spends the run
     sections.append('\n'.join(benchmark_lines(run)))
     if plot is not None:
         sections.append(f'LR schedule plot: {plot}')
+    if preview:
+        sections.append('augmentation preview: ' + ', '.join(map(str, preview)))
     return '\n\n'.join(sections)
 
 

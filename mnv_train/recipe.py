@@ -112,7 +112,7 @@ class AugConfig:
     cutmix_minmax: Optional[list] = None
     mixup_prob: float = _f(1.0, ge=0, le=1)
     mixup_switch_prob: float = _f(0.5, ge=0, le=1)
-    mixup_mode: Literal['batch', 'pair', 'elem'] = 'batch'
+    mixup_mode: Literal['batch', 'pair', 'elem', 'google'] = 'batch'  # google: augment.GoogleMixup
     mixup_off_epoch: int = _f(0, ge=0)  # turn mixup/cutmix off from this epoch; 0 never
     aug_repeats: int = _f(0, ge=0)  # timm RepeatAugSampler repeats; 0 off
 
