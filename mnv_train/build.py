@@ -12,7 +12,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from . import data, finetune, logs, pipeline
+from . import dali_pipeline, data, finetune, logs, pipeline
 from . import model as models
 from .checkpoint import Checkpointer
 from .distill import Distillation, build_distillation
@@ -39,7 +39,7 @@ class Run:
     loss_fn: torch.nn.Module
     distillation: Optional[Distillation]  # a teacher and timm's distillation task, when the recipe has one
     train_sampler: data.EpochSampler
-    train_loader: torch.utils.data.DataLoader
+    train_loader: torch.utils.data.DataLoader | dali_pipeline.DaliLoader
     steps_per_epoch: int
     evals: list
     fit_check: Optional[pipeline.EvalSet]  # training images evaluated like validation ones (train.fit_check_images)
@@ -85,6 +85,18 @@ class Run:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]['lr']
+
+    def input_state(self) -> Optional[dict]:
+        """The training input's own state, where it has one (DALI's generators), after this rank's samples so far."""
+        if isinstance(self.train_loader, dali_pipeline.DaliLoader):
+            return self.train_loader.state_dict(self.state.samples_seen // self.world.size)
+        return None
+
+    def restore_input(self, state: Optional[dict]):
+        """Put input_state back; without one (a checkpoint from the host pipeline) DALI starts from its seed."""
+        if isinstance(self.train_loader, dali_pipeline.DaliLoader):
+            self.train_loader.load_state_dict(state or {'taken': self.state.samples_seen // self.world.size,
+                                                        'dali': None})
 
 
 # DDP keyword that stops it from copying rank 0's buffers (BatchNorm statistics) to every rank at each forward:

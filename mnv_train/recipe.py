@@ -78,6 +78,7 @@ class DataConfig:
     num_workers: int = _f(2, ge=0)
     max_bad_fraction: float = _f(0.001, ge=0, le=1)  # unreadable training images an epoch may skip, as a share
     decode: Literal['host', 'device'] = 'host'  # device: JPEG decode + crop + flip on the training device
+    pipeline: Literal['host', 'dali'] = 'host'  # dali: NVIDIA DALI decodes and augments (pip install -e '.[dali]')
     synthetic_train_size: int = _f(512, ge=1)
     synthetic_val_size: int = _f(128, ge=1)
     synthetic_classes: int = _f(10, ge=2)

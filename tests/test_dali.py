@@ -1,0 +1,121 @@
+"""The DALI training input on DALI's CPU backend: order, resume, shapes and ranges, unreadable files."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip('nvidia.dali')
+
+from mnv_train import dali_pipeline, data  # noqa: E402
+from mnv_train.errors import UserError  # noqa: E402
+from mnv_train.recipe import AugConfig, DataConfig  # noqa: E402
+
+BATCH = 4
+RAND_AUGMENT = 'rand-m9-n2-mstd0-p0.5'
+
+
+def jpeg(seed: int, width: int) -> bytes:
+    pixels = (np.random.default_rng(seed).random((40, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, 'JPEG', quality=90)
+    return buffer.getvalue()
+
+
+class JpegFiles:
+    """A folder-like source whose label is the sample index; `broken` indices hold bytes no decoder reads."""
+
+    def __init__(self, count: int, broken=()):
+        self.files = [b'not an image' if i in broken else jpeg(i, 40 + i % 5 * 8) for i in range(count)]
+
+    def __len__(self):
+        return len(self.files)
+
+    def read_bytes(self, index):
+        return self.files[index], index
+
+    def describe(self, index):
+        return f'file{index}.jpg'
+
+
+def loader(source, auto_augment=RAND_AUGMENT, seed=0) -> dali_pipeline.DaliLoader:
+    sampler = data.EpochSampler(len(source), rank=0, world_size=1, seed=seed)
+    return dali_pipeline.DaliLoader(source, sampler, BATCH, DataConfig(img_size=24, num_workers=1),
+                                    AugConfig(auto_augment=auto_augment, train_interpolation='bicubic'), seed,
+                                    torch.device('cpu'))
+
+
+def epoch(dali: dali_pipeline.DaliLoader, number: int, start: int = 0) -> list:
+    dali.sampler.set_position(number, start)
+    return list(dali)
+
+
+@pytest.fixture(scope='module')
+def two_epochs():
+    """A loader over 16 files, two epochs of 4 batches, and the state kept after the first two batches."""
+    dali = loader(JpegFiles(16))
+    first = epoch(dali, 0)
+    state = dali.state_dict(2 * BATCH)
+    return dali, first, epoch(dali, 1), state
+
+
+def test_dali_batches_hold_the_host_samplers_indices_in_its_order(two_epochs):
+    dali, first, second, _ = two_epochs
+    for number, batches in enumerate((first, second)):
+        host = data.EpochSampler(16, rank=0, world_size=1, seed=0)
+        host.set_position(number)
+        assert torch.cat([labels for _, labels, _ in batches]).tolist() == [index for index, _ in host]
+
+
+def test_dali_batches_are_uint8_chw_at_img_size_with_labels_and_no_skips(two_epochs):
+    _, first, _, _ = two_epochs
+    images, labels, skipped = first[0]
+    assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, 24, 24)
+    assert labels.dtype == torch.int64 and labels.shape == (BATCH,) and skipped == 0
+    assert images.float().std() > 20  # random photos, not a blank canvas
+    assert not torch.equal(images[0], images[1])
+
+
+def test_a_loader_restored_mid_epoch_repeats_the_uninterrupted_batches_and_next_epoch(two_epochs):
+    _, first, second, state = two_epochs
+    resumed = loader(JpegFiles(16))
+    resumed.load_state_dict(state)
+    rest = epoch(resumed, 0, start=2 * BATCH)
+    for (a, la, _), (b, lb, _) in zip(first[2:], rest, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    for (a, _, _), (b, _, _) in zip(second, epoch(resumed, 1), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_loader_from_the_same_seed_gives_the_same_batches_and_another_seed_others(two_epochs):
+    _, first, _, _ = two_epochs
+    again, other = loader(JpegFiles(16)), loader(JpegFiles(16), seed=1)
+    assert torch.equal(epoch(again, 0)[0][0], first[0][0])
+    assert not torch.equal(epoch(other, 0)[0][0], first[0][0])
+
+
+def test_a_file_no_decoder_reads_is_named_in_one_line_and_replaced_by_the_next(capsys):
+    dali = loader(JpegFiles(8, broken={5}), auto_augment=None)
+    labels, skipped = [], 0
+    for _, batch_labels, batch_skipped in epoch(dali, 0):
+        labels += batch_labels.tolist()
+        skipped += batch_skipped
+    warning = [line for line in capsys.readouterr().err.splitlines() if 'file5.jpg' in line]
+    assert len(warning) == 1 and 'sample 6 takes its place' in warning[0]
+    assert skipped == 1 and 5 not in labels and labels.count(6) == 2
+
+
+@pytest.mark.parametrize('aug, culprit', [
+    ({'auto_augment': 'rand-m9-n2-mstd0.5'}, 'mstd'),
+    ({'auto_augment': 'rand-m15-mmax15-n2-mstd0'}, 'magnitude 15'),
+    ({'auto_augment': 'augmix-m5'}, 'rand-'),
+    ({'color_jitter': 0.4}, 'color_jitter'),
+    ({'train_interpolation': 'random'}, 'train_interpolation'),
+])
+def test_what_dali_does_not_run_is_a_one_line_error_naming_the_key(aug, culprit):
+    with pytest.raises(UserError, match=culprit) as error:
+        dali_pipeline.check_recipe(DataConfig(), AugConfig(**{'train_interpolation': 'bilinear', **aug}))
+    assert '\n' not in str(error.value)
