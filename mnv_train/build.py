@@ -176,6 +176,10 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
                         f'batch of {plan.global_batch}; lower train.global_batch_size')
+    if recipe.data.pipeline == 'dali' and train_cfg.precise_bn_batches:
+        # DALI's generators run on from batch to batch: precise BN's batches would move training's augmentations
+        raise UserError('train.precise_bn_batches runs with data.pipeline host only: set it 0 or use the host '
+                        'pipeline')
     train_loader, train_input = pipeline.training_input(recipe, train_source, train_sampler, norm, world,
                                                         plan.per_device)
 

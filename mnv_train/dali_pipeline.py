@@ -14,8 +14,9 @@ ahead and an epoch's read-ahead must not advance the generators.
 from __future__ import annotations
 
 import io
+import re
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Optional
 
 import numpy as np
@@ -109,6 +110,15 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, batches, batch_size: int, s
     return pipe
 
 
+def decodable(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except UNREADABLE:
+        return False
+
+
 def to_torch(tensor_list) -> torch.Tensor:
     """A DALI output batch as a torch tensor of its own (DALI reuses its buffers on the next run)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray  # optional like DALI itself, see import_dali
@@ -135,14 +145,21 @@ class DaliLoader:
         self.seed, self.rank = seed, sampler.rank
         self.taken = 0  # samples this rank has taken over the whole run, the key of the saved states
         self.states: OrderedDict[int, Optional[bytes]] = OrderedDict()  # samples taken -> DALI's checkpoint just after
+        self.pending: deque = deque()  # sample indices of the batches handed to DALI and not yet out of it
 
     def __iter__(self):
         self.states[self.taken] = self.states.get(self.taken)  # None: a fresh pipeline, seeded from where it is
         seed = derive_seed(self.seed, self.rank, self.taken) % 2**31
         pipe = define_pipeline(self.cfg, self.aug, self.file_batches, self.batch_size, seed, self.device,
                                self.states[self.taken])
+        self.pending.clear()
         for _ in range(len(self.sampler) // self.batch_size):
-            images, labels, skipped = (to_torch(out) for out in pipe.run())
+            try:
+                images, labels, skipped = (to_torch(out) for out in pipe.run())
+            except RuntimeError as e:  # DALI's pipeline cannot go on after a failed decode
+                raise UserError(f'DALI cannot decode {self.culprit(str(e))}: check the data with python -m '
+                                f'mnv_train.check_data DATA_DIR, or use data.pipeline host') from None
+            self.pending.popleft()
             self.taken += len(labels)
             self.keep_state(pipe.checkpoint())
             yield images, labels, int(skipped.sum())
@@ -151,8 +168,9 @@ class DaliLoader:
         """This epoch's batches of (file bytes, label, skipped) from the sampler's position, for DALI."""
         samples = iter(self.sampler)
         for _ in range(len(self.sampler) // self.batch_size):
-            batch = [replacing_unreadable(self.dataset, index, self.checked_bytes)
-                     for index, _ in (next(samples) for _ in range(self.batch_size))]
+            indices = [index for index, _ in (next(samples) for _ in range(self.batch_size))]
+            batch = [replacing_unreadable(self.dataset, index, self.checked_bytes) for index in indices]
+            self.pending.append([(index + skipped) % len(self.dataset) for index, (_, skipped) in zip(indices, batch)])
             yield ([np.frombuffer(data, dtype=np.uint8) for (data, _), _ in batch],
                    [np.array(label, dtype=np.int64) for (_, label), _ in batch],
                    [np.array(skipped, dtype=np.int64) for _, skipped in batch])
@@ -166,6 +184,14 @@ class DaliLoader:
         except UNREADABLE as e:
             raise UserError(f'cannot read image {self.dataset.describe(index)}: {e}') from None
         return data, label
+
+    def culprit(self, error: str) -> str:
+        """The file(s) behind DALI's 'Failed to decode sample #i' among the batches it was given: those PIL cannot
+        decode either, else every candidate."""
+        found = re.search(r'sample #(\d+)', error)
+        candidates = [batch[int(found.group(1))] for batch in self.pending] if found else sum(self.pending, [])
+        culprits = [index for index in candidates if not decodable(self.dataset.read_bytes(index)[0])] or candidates
+        return ', '.join(self.dataset.describe(index) for index in culprits)
 
     def keep_state(self, state: bytes):
         self.states[self.taken] = state

@@ -10,7 +10,9 @@ from PIL import Image
 
 pytest.importorskip('nvidia.dali')
 
-from mnv_train import dali_pipeline, data  # noqa: E402
+from mnv_train import checkpoint, dali_pipeline, data  # noqa: E402
+from mnv_train import recipe as recipes  # noqa: E402
+from mnv_train.cli import train_main  # noqa: E402
 from mnv_train.errors import UserError  # noqa: E402
 from mnv_train.recipe import AugConfig, DataConfig  # noqa: E402
 
@@ -119,3 +121,54 @@ def test_what_dali_does_not_run_is_a_one_line_error_naming_the_key(aug, culprit)
     with pytest.raises(UserError, match=culprit) as error:
         dali_pipeline.check_recipe(DataConfig(), AugConfig(**{'train_interpolation': 'bilinear', **aug}))
     assert '\n' not in str(error.value)
+
+
+def test_a_file_that_stops_short_stops_the_run_with_one_line_naming_it():
+    source = JpegFiles(8)
+    source.files[5] = source.files[5][:len(source.files[5]) // 3]  # the header reads, the picture does not
+    with pytest.raises(UserError, match=r'^DALI cannot decode file5\.jpg: check the data') as error:
+        epoch(loader(source, auto_augment=None), 0)
+    assert '\n' not in str(error.value)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    for split, count in (('train', 32), ('validation', 8)):
+        for label in range(2):
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count // 2):
+                (folder / f'{i}.jpg').write_bytes(jpeg(i + 100 * label, 40 + 8 * label))
+    return root
+
+
+def dali_recipe(write_recipe, image_folder, **train):
+    return write_recipe({'data': {'dataset': 'folder', 'data_dir': str(image_folder), 'pipeline': 'dali'},
+                         'aug': {'auto_augment': RAND_AUGMENT, 'train_interpolation': 'bilinear'},
+                         'train': {'global_batch_size': 8, 'batch_size': 8, **train}, 'schedule': {'epochs': 2}})
+
+
+def test_a_dali_run_stopped_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, write_recipe,
+                                                                                       image_folder):
+    recipe = dali_recipe(write_recipe, image_folder)
+    out = {name: tmp_path / name for name in ('whole', 'sliced')}
+    assert train_main(['--recipe', str(recipe), '--output', str(out['whole']), '--quiet']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(out['sliced']), '--quiet', '--max-steps', '3']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(out['sliced']), '--quiet', '--resume', 'auto']) == 0
+    whole, sliced = (checkpoint.load(out[name] / 'checkpoints' / 'last.pt') for name in ('whole', 'sliced'))
+    assert whole['state']['step'] == 8 and whole['input']['dali'] is not None
+    assert all(torch.equal(whole['model'][key], sliced['model'][key]) for key in whole['model'])
+
+
+def test_precise_bn_with_dali_is_refused_in_one_line(tmp_path, write_recipe, image_folder, capsys):
+    recipe = dali_recipe(write_recipe, image_folder, precise_bn_batches=2)
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'error: train.precise_bn_batches runs with data.pipeline host only: set it 0 or use the host pipeline']
+
+
+def test_data_pipeline_takes_host_or_dali_and_defaults_to_host():
+    assert DataConfig().pipeline == 'host'
+    with pytest.raises(UserError, match='data.pipeline'):
+        recipes.load('mnv4_conv_small', ['data.pipeline=gpu'])
