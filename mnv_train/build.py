@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -137,6 +138,25 @@ def use_sync_bn(wanted: bool, world: World) -> bool:
     return wanted and world.distributed and world.device.type == 'cuda'
 
 
+def compile_telling_time(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile(model, mode). Compiling happens in the first forward and can take minutes on a large model:
+    that forward's time is printed once, so start-up is not held up silently."""
+    compiled = torch.compile(model, mode=mode)
+    started = []
+
+    def before(module, args):
+        started.append(time.perf_counter())
+
+    def after(module, args, output):
+        for handle in handles:
+            handle.remove()
+        logs.summary(f'train.compile ({mode}): the first forward took {time.perf_counter() - started[0]:.1f} s, '
+                     f'compiling included')
+
+    handles = [compiled.register_forward_pre_hook(before), compiled.register_forward_hook(after)]
+    return compiled
+
+
 def build_model(recipe: Recipe, num_classes: int, sync_bn: bool) -> torch.nn.Module:
     """The model as it trains: created, SyncBatchNorm if asked, then initialised and frozen as the recipe says.
 
@@ -192,7 +212,7 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     optimizer = create_optimizer(model, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
     if train_cfg.compile:
-        model = torch.compile(model)
+        model = compile_telling_time(model, train_cfg.compile_mode)
     if world.distributed:  # never the teacher, which is not in `model`
         model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None,
                                         **({} if train_cfg.dist_bn == 'broadcast' else BUFFERS_PER_RANK))

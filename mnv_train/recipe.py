@@ -197,6 +197,8 @@ class TrainConfig:
     amp: Literal['none', 'bf16', 'fp16'] = 'none'
     channels_last: bool = True
     compile: bool = False
+    # torch.compile's mode when train.compile; python -m mnv_train.bench --compile-modes measures each
+    compile_mode: Literal['default', 'max-autotune-no-cudagraphs', 'reduce-overhead'] = 'default'
     sync_bn: bool = False
     # BatchNorm running statistics under DDP: 'reduce' averages them over ranks after every optimizer step, so
     # evaluation and checkpoints see every rank's batches; 'broadcast' keeps DDP's default (rank 0's)
