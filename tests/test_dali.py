@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from mnv_train import recipe as recipes  # noqa: E402
 from mnv_train.cli import train_main  # noqa: E402
 from mnv_train.errors import UserError  # noqa: E402
 from mnv_train.recipe import AugConfig, DataConfig  # noqa: E402
+
+from conftest import REPO  # noqa: E402
 
 BATCH = 4
 RAND_AUGMENT = 'rand-m9-n2-mstd0-p0.5'
@@ -172,3 +176,45 @@ def test_data_pipeline_takes_host_or_dali_and_defaults_to_host():
     assert DataConfig().pipeline == 'host'
     with pytest.raises(UserError, match='data.pipeline'):
         recipes.load('mnv4_conv_small', ['data.pipeline=gpu'])
+
+
+# ---------------------------------------------------------------------------------------------- the GPU check
+
+def bench_row(model: float, input_rate: float, train: float) -> dict:
+    return {'model': model, 'input': input_rate, 'train': train, 'bound_by': 'input' if input_rate < model else 'model',
+            'train_vs_bound': train / min(model, input_rate), 'per_device_batch': 256, 'workers': 16}
+
+
+def test_the_gpu_summary_checks_the_dali_targets_and_says_which_bound_each_row_is_under(tmp_path):
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import gpu_summary  # a script folder, not a package
+    (tmp_path / 'bench').mkdir()
+    rows = {'conv_small_224_host': bench_row(16926, 4900, 4840), 'conv_small_224_dali': bench_row(16926, 30000, 14000),
+            'hybrid_large_384_dali': bench_row(1600, 9000, 1500)}
+    for name, row in rows.items():
+        (tmp_path / 'bench' / f'{name}.json').write_text(json.dumps(row))
+    assert gpu_summary.main(['summarize', str(tmp_path)]) == 0
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    dali = {t['name'].split(':')[0]: t for t in report['targets'] if t['name'].startswith('DALI')}
+    assert dali['DALI end to end >= 2.5 x the host pipeline\'s']['value'] == pytest.approx(14000 / 4840)
+    assert dali['DALI end to end >= 80% of model only']['value'] == pytest.approx(14000 / 16926)
+    assert dali['DALI end to end >= 1700 img/s per device']['met'] is False
+    summary = (tmp_path / 'summary.md').read_text().splitlines()
+    for name, bound in (('conv_small_224_host', 'input (4900.0 img/s)'), ('conv_small_224_dali', 'model (16926.0'),
+                        ('hybrid_large_384_dali', 'model (1600.0')):
+        label = {**gpu_summary.BENCH_LABELS, **gpu_summary.DALI_LABELS}[name]
+        assert any(line.startswith(f'| {label} |') and bound in line.split('|')[-2] for line in summary), name
+
+
+def test_the_gpu_checks_dry_run_runs_the_dali_rows_when_asked(tmp_path):
+    from test_gpu_check import run_check
+    skipped = ('pytest_cuda bench_conv_small_224_host bench_conv_small_224_device bench_hybrid_large_384_eager fmnist '
+               'bench_hybrid_large_384_compiled bench_hybrid_large_384_dali')
+    result = run_check('--tiny', timeout=600, GPU_CHECK_OUT=str(tmp_path / 'out'), SKIP=skipped, DALI_ROWS='1')
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())
+    steps = {step['name']: step for step in report['steps']}
+    assert steps['bench_conv_small_224_dali']['status'] == 'ok'
+    assert '--set data.pipeline=dali' in steps['bench_hybrid_large_384_dali']['command']
+    row = report['bench']['conv_small_224_dali']
+    assert row['train'] > 0 and row['bound_by'] in ('model', 'input')
