@@ -29,6 +29,7 @@ from .errors import UserError
 from .recipe import AugConfig, DataConfig
 
 MAGNITUDE_BINS = 11  # DALI's magnitude bin m of 0..10 then scales each op's range as timm's level m / 10 does
+FILL = 128  # rotations, shears, translations: one grey for all channels (timm fills with the mean colour)
 KEPT_STATES = 4  # pipeline checkpoints kept: the training loop may hold a batch or two beyond its last step
 
 
@@ -44,8 +45,9 @@ def import_dali():
 
 
 class RandAugmentPlan:
-    """timm's RandAugment string (aug.auto_augment), read by timm's own parser, as DALI's rand_augment arguments:
-    `layers` ops per image, each applied with probability `prob` at magnitude bin `magnitude` of 0..10."""
+    """timm's RandAugment string (aug.auto_augment), read by timm's own parser, as DALI's: `layers` ops per image,
+    each applied with probability `prob` at magnitude bin `magnitude` of 0..10, from timm's op list (`increasing`:
+    its inc1 variants)."""
 
     def __init__(self, auto_augment: str):
         if not auto_augment.startswith('rand'):
@@ -59,6 +61,33 @@ class RandAugmentPlan:
             raise UserError(f'aug.auto_augment {auto_augment!r}: magnitude {op.magnitude} is past DALI\'s full '
                             f'range (10 on timm\'s scale); lower m, or use data.pipeline host')
         self.layers, self.prob, self.magnitude = timm_ra.num_layers, op.prob, int(op.magnitude)
+        self.increasing = any(o.name.endswith('Increasing') for o in timm_ra.ops)
+
+
+def truncated_posterize_mask(bits: float) -> np.ndarray:
+    """DALI's posterize mask for int(bits) bits kept, as timm truncates; DALI rounds (and keeps at least 1 bit)."""
+    from nvidia.dali.auto_aug import augmentations as ops  # optional like DALI itself, see import_dali
+    return ops.poster_mask_uint8(np.floor(bits + 1e-6))
+
+
+def timm_op_list(increasing: bool) -> list:
+    """DALI's RandAugment ops, in timm's list ('rand' transforms) at timm's ranges at magnitude 10; DALI's default
+    suite lacks Invert and SolarizeAdd and adds Identity, and translates by 100/224 rather than 0.45."""
+    from nvidia.dali.auto_aug import augmentations as ops  # optional like DALI itself, see import_dali
+    if increasing:  # strength grows with the magnitude; enhance factors 1 +- 0.9 m / 10
+        enhance = [op.augmentation((0, 0.9), True, ops.shift_enhance_range) for op in (ops.color, ops.contrast,
+                                                                                         ops.brightness)]
+        sharpness = ops.sharpness.augmentation((0, 0.9), True, ops.sharpness_kernel)
+        posterize, solarize = ops.posterize.augmentation((4, 0), False), ops.solarize.augmentation((256, 0))
+    else:  # timm's default: enhance factor 0.1 + 1.8 m / 10, posterize keeps 0.4 m bits, solarize at 25.6 m
+        enhance = [op.augmentation((0.1, 1.9), False, None) for op in (ops.color, ops.contrast, ops.brightness)]
+        sharpness = ops.sharpness.augmentation((0.1, 1.9), False, ops.sharpness_kernel_shifted)
+        posterize = ops.posterize.augmentation((0, 4), False, truncated_posterize_mask)
+        solarize = ops.solarize.augmentation((0, 256))
+    return [ops.auto_contrast, ops.equalize, ops.invert, ops.rotate.augmentation((0, 30), True), posterize, solarize,
+            ops.solarize_add.augmentation((0, 110)), *enhance, sharpness, ops.shear_x.augmentation((0, 0.3), True),
+            ops.shear_y.augmentation((0, 0.3), True), ops.translate_x.augmentation((0, 0.45), True),
+            ops.translate_y.augmentation((0, 0.45), True)]
 
 
 def check_recipe(cfg: DataConfig, aug: AugConfig):
@@ -80,6 +109,7 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, batches, batch_size: int, s
     """DALI's pipeline: file bytes, labels and skip counts from `batches` -> (uint8 CHW image, label, skipped)."""
     fn, pipeline_def, types, rand_augment = import_dali()
     plan = RandAugmentPlan(aug.auto_augment) if aug.auto_augment else None
+    suite = timm_op_list(plan.increasing) if plan else []
     size = cfg.img_size
     interp = types.INTERP_CUBIC if aug.train_interpolation == 'bicubic' else types.INTERP_LINEAR
     on_gpu = device.type == 'cuda'
@@ -96,8 +126,9 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, batches, batch_size: int, s
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=aug.hflip))
         for _ in range(plan.layers if plan else 0):  # timm applies each of its layers with probability p
             if fn.random.coin_flip(probability=plan.prob):
-                images = rand_augment.rand_augment(images, n=1, m=plan.magnitude, num_magnitude_bins=MAGNITUDE_BINS,
-                                                   shape=[size, size], fill_value=128)
+                images = rand_augment.apply_rand_augment(suite, images, n=1, m=plan.magnitude,
+                                                         num_magnitude_bins=MAGNITUDE_BINS, shape=[size, size],
+                                                         fill_value=FILL)
         images = fn.transpose(images, perm=[2, 0, 1])
         return images, labels.gpu() if on_gpu else labels, skipped
 
