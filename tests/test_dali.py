@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 pytest.importorskip('nvidia.dali')
 
@@ -218,3 +219,47 @@ def test_the_gpu_checks_dry_run_runs_the_dali_rows_when_asked(tmp_path):
     assert '--set data.pipeline=dali' in steps['bench_hybrid_large_384_dali']['command']
     row = report['bench']['conv_small_224_dali']
     assert row['train'] > 0 and row['bound_by'] in ('model', 'input')
+
+
+# ---------------------------------------------------------------------------------------------- RandAugment vs timm
+
+def dali_op_outputs(image: np.ndarray, increasing: bool, magnitude: int) -> list:
+    """Each op of the DALI suite alone at `magnitude` on 8 copies of `image`, in one pipeline."""
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali.auto_aug import rand_augment
+    suite = dali_pipeline.timm_op_list(increasing)
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=3, enable_conditionals=True)
+    def each_op():
+        x = fn.external_source(source=lambda: [image] * 8, batch=True, layout='HWC')
+        outputs = []
+        for op in suite:
+            kwargs = {'fill_value': dali_pipeline.FILL} if op.name.startswith(('rotate', 'shear', 'translate')) else {}
+            kwargs.update({'shape': list(image.shape[:2])} if op.name.startswith('translate') else {})
+            outputs.append(rand_augment.apply_rand_augment([op], x, n=1, m=magnitude,
+                                                           num_magnitude_bins=dali_pipeline.MAGNITUDE_BINS, **kwargs))
+        return tuple(outputs)
+
+    pipe = each_op()
+    pipe.build()
+    return [[np.asarray(sample, dtype=float) for sample in batch] for batch in pipe.run()]
+
+
+@pytest.mark.parametrize('increasing', [False, True], ids=['rand', 'rand-inc1'])
+def test_each_dali_randaugment_op_gives_timms_image_at_magnitude_9(increasing):
+    """timm's own ops, run here, are the reference; each DALI op's output is compared with timm's for both signs
+    of its magnitude. Equalize differs most (DALI's histogram equalisation is not PIL's), within 6 levels of 255."""
+    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS, AugmentOp
+    photo = Image.open(io.BytesIO(jpeg(7, 96))).resize((96, 96))
+    smooth = np.asarray(photo.filter(ImageFilter.GaussianBlur(3)))
+    names = _RAND_INCREASING_TRANSFORMS if increasing else _RAND_TRANSFORMS
+    outputs = dali_op_outputs(smooth, increasing, magnitude=9)
+    assert len(outputs) == len(names) == 15
+    for name, batch in zip(names, outputs):
+        reference = []
+        for sign_seed in range(4):  # timm draws each op's sign with random.random()
+            random.seed(sign_seed)
+            op = AugmentOp(name, prob=1.0, magnitude=9, hparams={'img_mean': (dali_pipeline.FILL,) * 3})
+            reference.append(np.asarray(op(Image.fromarray(smooth)), dtype=float))
+        gap = max(min(np.abs(sample - ref).mean() for ref in reference) for sample in batch)
+        assert gap < (6 if name == 'Equalize' else 1.5), (name, gap)
