@@ -88,8 +88,10 @@ class Run:
         return self.optimizer.param_groups[0]['lr']
 
     def input_state(self) -> Optional[dict]:
-        """The training input's own state, where it has one (DALI's generators), after this rank's samples so far."""
-        if isinstance(self.train_loader, dali_pipeline.DaliLoader):
+        """The training input's own state, where it has one (DALI's generators), after this rank's samples so far.
+        Only rank 0 writes checkpoints: with more ranks there is none, and each rank's DALI restarts from a seed
+        derived from its position (sample order stays exact, augmentations do not)."""
+        if isinstance(self.train_loader, dali_pipeline.DaliLoader) and self.world.size == 1:
             return self.train_loader.state_dict(self.state.samples_seen // self.world.size)
         return None
 
