@@ -263,3 +263,9 @@ def test_each_dali_randaugment_op_gives_timms_image_at_magnitude_9(increasing):
             reference.append(np.asarray(op(Image.fromarray(smooth)), dtype=float))
         gap = max(min(np.abs(sample - ref).mean() for ref in reference) for sample in batch)
         assert gap < (6 if name == 'Equalize' else 1.5), (name, gap)
+
+
+def test_a_dry_run_times_a_dali_batch(tmp_path, write_recipe, image_folder, capsys):
+    recipe = dali_recipe(write_recipe, image_folder)
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
+    assert 'forward + backward' in capsys.readouterr().out  # the probe batch came from DALI
