@@ -6,10 +6,10 @@ stream; the batch arrives as uint8 CHW and is normalised like the host path's (d
 
 Sample order is ours: EpochSampler's indices reach DALI through an external source, so epochs, evaluation and
 checkpoints mean what they mean on the host path. Augmentation randomness is DALI's: its generators are seeded
-once per rank from the run seed and run on from batch to batch, rather than being derived from (seed, epoch,
-position) as on the host path. Exact resume therefore keeps DALI's pipeline checkpoint (its RNG states) in ours,
-and the pipeline is rebuilt from the state after the last batch taken at every epoch start, because DALI reads
-ahead and an epoch's read-ahead must not advance the generators.
+from (seed, rank, samples taken) when a run starts and then run on from batch to batch, rather than being
+derived from (seed, epoch, position) for every sample as on the host path. Exact resume therefore keeps DALI's
+pipeline checkpoint (its RNG states) in ours, and the pipeline is rebuilt from the state after the last batch
+taken at every epoch start, because DALI reads ahead and an epoch's read-ahead must not advance the generators.
 """
 from __future__ import annotations
 
@@ -114,9 +114,9 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, batches, batch_size: int, s
     interp = types.INTERP_CUBIC if aug.train_interpolation == 'bicubic' else types.INTERP_LINEAR
     on_gpu = device.type == 'cuda'
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device.index or 0
-                  if on_gpu else None, seed=seed, enable_checkpointing=True, enable_conditionals=plan is not None,
-                  prefetch_queue_depth=2)
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_workers),
+                  device_id=(device.index or 0) if on_gpu else None, seed=seed, enable_checkpointing=True,
+                  enable_conditionals=plan is not None, prefetch_queue_depth=2)
     def pipeline():
         files, labels, skipped = fn.external_source(source=batches, num_outputs=3,
                                                     dtype=[types.UINT8, types.INT64, types.INT64])
@@ -154,10 +154,11 @@ def to_torch(tensor_list) -> torch.Tensor:
     """A DALI output batch as a torch tensor of its own (DALI reuses its buffers on the next run)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray  # optional like DALI itself, see import_dali
     from nvidia.dali.tensors import TensorListGPU
+    from nvidia.dali.types import DALIDataType
     dense = tensor_list.as_tensor()
     if isinstance(tensor_list, TensorListGPU):
-        out = torch.empty(dense.shape(), dtype=torch.uint8 if tensor_list.dtype == 'uint8' else torch.int64,
-                          device=torch.device('cuda', torch.cuda.current_device()))
+        dtype = torch.uint8 if tensor_list.dtype == DALIDataType.UINT8 else torch.int64
+        out = torch.empty(dense.shape(), dtype=dtype, device=torch.device('cuda', torch.cuda.current_device()))
         return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
     return torch.from_numpy(np.array(dense))
 
