@@ -19,6 +19,7 @@
 #   BUDGET_S    seconds for the whole check (default 780)      WORKERS  loader workers (default 16; --tiny 0)
 #   ROUNDS      mnv-train / timm train.py alternations (default 1)   PYTHON  interpreter (default python3)
 #   SKIP        step names not to run, e.g. SKIP="pytest_cuda fmnist" to time throughput alone (default none)
+#   DALI_ROWS   1: the data.pipeline dali rows (default 1; --tiny 0, as they need nvidia-dali and take a minute)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +46,7 @@ py=${PYTHON:-python3}
 rounds=${ROUNDS:-1}
 if [ "$tiny" = 1 ]; then
   mode=tiny out=${GPU_CHECK_OUT:-/tmp/mnv_gpu_check_tiny} budget=${BUDGET_S:-300} workers=${WORKERS:-0}
+  dali_rows=${DALI_ROWS:-0}
   n_train=48 n_val=8 classes=4 jobs=2 steps=2 warmup=1
   small=(--img-size 32 --batch-size 4)
   # the hybrid recipe's settings on the small model in fp32: Hybrid-L in bf16 runs at ~0.5 img/s on a CPU
@@ -59,6 +61,7 @@ if [ "$tiny" = 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   mode=gpu out=${GPU_CHECK_OUT:-benchmarks/results/gpu} budget=${BUDGET_S:-780} workers=${WORKERS:-16}
+  dali_rows=${DALI_ROWS:-1}
   # batches that fit an 80 GB H100. 16 workers x prefetch 4 hold 64 batches: the warm-up must outlast them (the
   # first run, 7000 images and 5 warm-up steps, timed batches prefetched before the clock started), and one epoch
   # must hold warm-up + timed steps of 256
@@ -74,7 +77,9 @@ fi
 plan="pytest -m cuda tests/test_cuda.py; mnv_train.bench mnv4_conv_small@224 host decode"
 [ -n "$timm_train" ] && plan+="; timm train.py mnv4_conv_small@224"
 plan+="; mnv_train.bench mnv4_conv_small@224 device decode; mnv_train.bench mnv4_hybrid_large@384 bf16 eager"
+[ "$dali_rows" = 1 ] && plan+="; mnv_train.bench mnv4_conv_small@224 DALI"
 plan+="; train.py --recipe fmnist_mnv4_conv_small --device cuda; mnv_train.bench mnv4_hybrid_large@384 bf16 compiled"
+[ "$dali_rows" = 1 ] && plan+="; mnv_train.bench mnv4_hybrid_large@384 bf16 compiled DALI"
 if [ "$device" = cuda ] && ! "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   echo "gpu_check: no CUDA device here; would run: $plan; nothing was run (--tiny runs a CPU dry run)"
   exit 0
@@ -204,6 +209,12 @@ run_step bench_conv_small_224_device 90 "${bench[@]}" --recipe mnv4_conv_small "
   --set data.decode=device --set aug.auto_augment=null --json "$out/bench/conv_small_224_device.json"
 run_step bench_hybrid_large_384_eager 120 "${bench[@]}" --recipe mnv4_hybrid_large "${large[@]}" \
   --json "$out/bench/hybrid_large_384_eager.json"
+# DALI decodes and augments (data.pipeline dali), RandAugment included; it resizes bicubic, as it has no 'random'
+dali=(--set data.pipeline=dali --set aug.train_interpolation=bicubic)
+if [ "$dali_rows" = 1 ]; then
+  run_step bench_conv_small_224_dali 90 "${bench[@]}" --recipe mnv4_conv_small "${small[@]}" "${dali[@]}" \
+    --json "$out/bench/conv_small_224_dali.json"
+fi
 
 # 3. the Fashion-MNIST quickstart on this device: wall time and final top-1 from its metrics.csv
 run_step fmnist 180 "$py" train.py --recipe fmnist_mnv4_conv_small --device "$device" --data-dir "$fmnist_dir" \
@@ -216,6 +227,12 @@ summarize
 # 4. last, as it spends the most time compiling: Hybrid-L with train.compile
 run_step bench_hybrid_large_384_compiled 240 "${compiled_env[@]}" "${bench[@]}" --recipe mnv4_hybrid_large \
   "${large[@]}" --set train.compile=true --json "$out/bench/hybrid_large_384_compiled.json"
+if [ "$dali_rows" = 1 ]; then
+  # RandAugment at m10, DALI's full range: the recipe's m15 is past it (data.pipeline dali refuses it)
+  run_step bench_hybrid_large_384_dali 240 "${compiled_env[@]}" "${bench[@]}" --recipe mnv4_hybrid_large \
+    "${large[@]}" --set train.compile=true "${dali[@]}" --set aug.auto_augment=rand-m10-n2-mstd0-p1.0 \
+    --json "$out/bench/hybrid_large_384_dali.json"
+fi
 
 summarize --exit-status
 status=$?

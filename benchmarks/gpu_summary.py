@@ -38,6 +38,15 @@ BENCH_LABELS = {  # bench id -> what it measures, in the order of the summary ta
     'hybrid_large_384_eager': 'mnv4_hybrid_large @384, bf16, channels_last, eager',
     'hybrid_large_384_compiled': 'mnv4_hybrid_large @384, bf16, channels_last, train.compile',
 }
+# the DALI rows (data.pipeline dali), run on a GPU and in a dry run with DALI_ROWS=1: labelled and checked only
+# where they have a result, so that a check run without DALI reads as before
+DALI_LABELS = {
+    'conv_small_224_dali': 'mnv4_conv_small @224, DALI (decode, crop, flip, RandAugment)',
+    'hybrid_large_384_dali': 'mnv4_hybrid_large @384, bf16, channels_last, train.compile, DALI (RandAugment m10)',
+}
+DALI_VS_HOST = 2.5  # conv_small @224 end to end with DALI >= 2.5 x the host pipeline's, side by side
+DALI_MODEL_SHARE = 0.8  # ... and >= 80 % of the model alone
+HYBRID_DALI_TARGET = 1700.0  # img/s per H200, mnv4_hybrid_large @384 bf16 end to end with DALI
 TIMM_PAIRS = {'conv_small_224': 'conv_small_224_host'}  # timm id -> our bench id run just before it
 BAD_STATUSES = ('failed', 'timed_out', 'over_budget')  # a step in one of these leaves the check incomplete
 MODULES = ('torch', 'torchvision', 'timm', 'numpy', 'PIL', 'yaml', 'tqdm', 'tensorboard', 'safetensors', 'matplotlib',
@@ -226,6 +235,7 @@ def targets(bench: dict, timm: dict) -> list[dict]:
         checked.append(target(f'at least as fast as timm train.py side by side: {BENCH_LABELS[bench_id]}', ratio, 1.0,
                               f'mnv-train {ours:.1f} img/s, timm {theirs:.1f} img/s (median over rounds)'
                               if ratio is not None else 'no result for one side'))
+    checked += dali_targets(bench)
     hybrid = {k: v for k, v in bench.items() if k.startswith('hybrid_large_384') and 'train' in v}
     best = max(hybrid, key=lambda k: hybrid[k]['train'], default=None)
     per_device = hybrid[best]['train'] / hybrid[best].get('world_size', 1) if best else None
@@ -233,6 +243,35 @@ def targets(bench: dict, timm: dict) -> list[dict]:
                           per_device, HYBRID_TARGET,
                           f'best: {best} (model only {hybrid[best]["model"]:.0f} img/s)' if best else 'no result'))
     return checked
+
+
+def dali_targets(bench: dict) -> list[dict]:
+    """The DALI rows' targets, where those rows ran: against the host pipeline, the model alone, Hybrid-L's rate."""
+    checked = []
+    dali, host = bench.get('conv_small_224_dali'), bench.get('conv_small_224_host', {})
+    if dali and 'train' in dali:
+        ratio = dali['train'] / host['train'] if host.get('train') else None
+        checked.append(target(f'DALI end to end >= {DALI_VS_HOST:g} x the host pipeline\'s: mnv4_conv_small @224',
+                              ratio, DALI_VS_HOST, f'DALI {dali["train"]:.1f} img/s, host {host.get("train", 0):.1f} '
+                              f'img/s, side by side'))
+        checked.append(target(f'DALI end to end >= {DALI_MODEL_SHARE:.0%} of model only: mnv4_conv_small @224',
+                              dali['train'] / dali['model'], DALI_MODEL_SHARE, f'bound by the {dali["bound_by"]}'))
+    hybrid = bench.get('hybrid_large_384_dali')
+    if hybrid and 'train' in hybrid:
+        checked.append(target(f'DALI end to end >= {HYBRID_DALI_TARGET:.0f} img/s per device: mnv4_hybrid_large '
+                              f'@384 bf16 compiled', hybrid['train'] / hybrid.get('world_size', 1), HYBRID_DALI_TARGET,
+                              f'model only {hybrid["model"]:.0f} img/s, bound by the {hybrid["bound_by"]}'))
+    return checked
+
+
+def bound_note(bench: dict) -> str:
+    """Which bound a row is under: the input or the model, and on a CPU the two sharing the cores."""
+    if 'bound_by' not in bench:
+        return ''
+    note = f'{bench["bound_by"]} ({cell(min(bench["model"], bench["input"]))} img/s)'
+    if 'shared_cores_bound' in bench:
+        note += f'; sharing the CPU: {cell(bench["shared_cores_bound"])} img/s'
+    return note
 
 
 def collect(out: Path, budget: Optional[float], elapsed: Optional[float]) -> dict:
@@ -282,22 +321,24 @@ def targets_table(result: dict) -> list[str]:
 
 def throughput_table(result: dict) -> list[str]:
     lines = ['## Throughput (img/s, median over rounds)', '',
-             '| benchmark | batch | workers | model only | input pipeline | end to end | end to end / bound | rounds |',
-             '|---|---|---|---|---|---|---|---|']
-    for bench_id, label in BENCH_LABELS.items():
+             '| benchmark | batch | workers | model only | input pipeline | end to end | end to end / bound | rounds | '
+             'bound by |', '|---|---|---|---|---|---|---|---|---|']
+    dali = {k: v for k, v in DALI_LABELS.items() if k in result['bench']}
+    for bench_id, label in {**BENCH_LABELS, **dali}.items():
         b = result['bench'].get(bench_id)
         if b:
             lines.append(f'| {label} | {b.get("per_device_batch")} | {b.get("workers")} | {cell(b.get("model"))} | '
                          f'{cell(b.get("input"))} | {cell(b.get("train"))} | {cell(b.get("train_vs_bound"), ".0%")} | '
-                         f'{b["rounds"]} |')
+                         f'{b["rounds"]} | {bound_note(b)} |')
         else:
-            lines.append(f'| {label} | | | | | | | no result |')
+            lines.append(f'| {label} | | | | | | | no result | |')
     for timm_id, runs in result['timm_rounds'].items():
         t = result['timm'][timm_id]
-        lines.append(f'| timm train.py, the values of `{timm_id}` | | | | | {cell(t.get("train"))} | | {t["rounds"]} |')
+        lines.append(f'| timm train.py, the values of `{timm_id}` | | | | | {cell(t.get("train"))} | | '
+                     f'{t["rounds"]} | |')
         ours = result['bench_rounds'].get(TIMM_PAIRS.get(timm_id, ''), [])
         pairs = ', '.join(f'{cell(a)} / {cell(b)}' for a, b in zip(ours, runs))
-        lines.append(f'| per round, mnv-train / timm: {pairs} | | | | | | | |')
+        lines.append(f'| per round, mnv-train / timm: {pairs} | | | | | | | | |')
     return lines + ['']
 
 

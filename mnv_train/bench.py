@@ -7,6 +7,12 @@
 (c) train: the real training loop (engine.train_one_epoch), data and model together.
 End to end should come within ~10 % of min(a, b); a bigger gap points at the glue between them. On a CPU the
 loader workers and the model share the cores, so there the bound is 1 / (1/a + 1/b), which is printed too.
+
+  python -m mnv_train.bench --recipe mnv4_hybrid_large --data-dir /data/imagenet --compile-modes all
+
+instead measures (a) for each train.compile mode (and eager), with train.channels_last on and off: img/s, the
+first step's seconds (compiling included) and its loss on one fixed batch next to eager's, to choose the fastest
+mode that is exact enough.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -91,6 +98,66 @@ def bench(run: Run, steps: int, warmup: int) -> dict:
     return result
 
 
+COMPILE_MODES = ('eager', 'default', 'max-autotune-no-cudagraphs', 'reduce-overhead')  # eager: train.compile off
+
+
+def compile_variant(recipe: recipes.Recipe, mode: str, channels_last: bool) -> recipes.Recipe:
+    train = replace(recipe.train, compile=mode != 'eager', compile_mode='default' if mode == 'eager' else mode,
+                    channels_last=channels_last)
+    return replace(recipe, train=train)
+
+
+def first_step(run: Run) -> tuple[float, float]:
+    """(seconds, loss) of the first optimizer step on a batch drawn from a fixed seed: compiling happens in it."""
+    size, generator = run.recipe.data.img_size, torch.Generator().manual_seed(0)
+    images = torch.randn(run.plan.per_device, 3, size, size, generator=generator).to(run.world.device)
+    targets = torch.randint(0, run.module.num_classes, (run.plan.per_device,), generator=generator)
+    memory_format = torch.channels_last if run.recipe.train.channels_last else torch.contiguous_format
+    run.model.train()
+    start = time.perf_counter()
+    loss = forward_backward(run, images.contiguous(memory_format=memory_format), targets.to(run.world.device),
+                            finishing=True)
+    optimizer_step(run)
+    _sync(run.world.device)
+    return time.perf_counter() - start, float(loss)
+
+
+def compile_table(recipe: recipes.Recipe, world: distributed.World, batch: int, modes: list[str], steps: int,
+                  warmup: int) -> list[dict]:
+    """One row per (mode, channels_last): model-only img/s, first step seconds, first loss relative to eager's."""
+    rows = []
+    for mode in modes:
+        for channels_last in (True, False):
+            with tempfile.TemporaryDirectory() as scratch:
+                run = build_run(compile_variant(recipe, mode, channels_last), world, Path(scratch),
+                                global_batch=batch * world.size, per_device_batch=batch)
+                seconds, loss = first_step(run)
+                rows.append({'compile': mode, 'channels_last': channels_last, 'first_step_s': seconds,
+                             'first_loss': loss, 'model': model_rate(run, steps, warmup)})
+    reference = {row['channels_last']: row['first_loss'] for row in rows if row['compile'] == 'eager'}
+    for row in rows:
+        if row['channels_last'] in reference:
+            row['loss_vs_eager'] = abs(row['first_loss'] - reference[row['channels_last']]) / abs(
+                reference[row['channels_last']])
+    return rows
+
+
+def print_compile_table(rows: list[dict]):
+    print(f'  {"train.compile":28s} {"channels_last":>13s} {"img/s":>10s} {"first step s":>13s} {"loss vs eager":>14s}')
+    for row in rows:
+        gap = f'{row["loss_vs_eager"]:.2e}' if 'loss_vs_eager' in row else '-'
+        print(f'  {row["compile"]:28s} {str(row["channels_last"]):>13s} {row["model"]:10.1f} '
+              f'{row["first_step_s"]:13.2f} {gap:>14s}')
+
+
+def compile_modes(value: str) -> list[str]:
+    modes = list(COMPILE_MODES) if value == 'all' else value.split(',')
+    unknown = [mode for mode in modes if mode not in COMPILE_MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f'{", ".join(unknown)}: choose from all, {", ".join(COMPILE_MODES)}')
+    return modes
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog='python -m mnv_train.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--recipe', required=True)
@@ -103,6 +170,9 @@ def parser() -> argparse.ArgumentParser:
                    help='untimed steps first (compile, cudnn autotune, caches); at least 1')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='write the figures here')
+    p.add_argument('--compile-modes', type=compile_modes, metavar='MODE[,MODE]',
+                   help=f'instead: model-only rates per train.compile mode, with channels_last on and off (all, or '
+                        f'of {", ".join(COMPILE_MODES)})')
     return p
 
 
@@ -116,6 +186,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     world = distributed.init(args.device)
     logs.configure(world.is_main, quiet=True)
     batch = args.batch_size or recipe.train.batch_size
+    if args.compile_modes:
+        rows = compile_table(recipe, world, batch, args.compile_modes, args.steps, args.warmup)
+        if world.is_main:
+            print(f'{recipe.name} {recipe.model.name} @{recipe.data.img_size}, batch {batch}, amp {recipe.train.amp}')
+            print_compile_table(rows)
+            if args.json:
+                Path(args.json).write_text(json.dumps({'recipe': recipe.name, 'compile_modes': rows}, indent=1))
+        return 0
     with tempfile.TemporaryDirectory() as scratch:  # the run writes nothing worth keeping
         run = build_run(recipe, world, Path(scratch), global_batch=batch * world.size, per_device_batch=batch)
         result = bench(run, args.steps, args.warmup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from . import data, finetune, logs, pipeline
+from . import dali_pipeline, data, finetune, logs, pipeline
 from . import model as models
 from .checkpoint import Checkpointer
 from .distill import Distillation, build_distillation
@@ -39,7 +40,7 @@ class Run:
     loss_fn: torch.nn.Module
     distillation: Optional[Distillation]  # a teacher and timm's distillation task, when the recipe has one
     train_sampler: data.EpochSampler
-    train_loader: torch.utils.data.DataLoader
+    train_loader: torch.utils.data.DataLoader | dali_pipeline.DaliLoader
     steps_per_epoch: int
     evals: list
     fit_check: Optional[pipeline.EvalSet]  # training images evaluated like validation ones (train.fit_check_images)
@@ -86,6 +87,20 @@ class Run:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]['lr']
 
+    def input_state(self) -> Optional[dict]:
+        """The training input's own state, where it has one (DALI's generators), after this rank's samples so far.
+        Only rank 0 writes checkpoints: with more ranks there is none, and each rank's DALI restarts from a seed
+        derived from its position (sample order stays exact, augmentations do not)."""
+        if isinstance(self.train_loader, dali_pipeline.DaliLoader) and self.world.size == 1:
+            return self.train_loader.state_dict(self.state.samples_seen // self.world.size)
+        return None
+
+    def restore_input(self, state: Optional[dict]):
+        """Put input_state back; without one (a checkpoint from the host pipeline) DALI starts from its seed."""
+        if isinstance(self.train_loader, dali_pipeline.DaliLoader):
+            self.train_loader.load_state_dict(state or {'taken': self.state.samples_seen // self.world.size,
+                                                        'dali': None})
+
 
 # DDP keyword that stops it from copying rank 0's buffers (BatchNorm statistics) to every rank at each forward:
 # torch 2.14 renamed it and deprecates the old name, which older torch still needs
@@ -123,6 +138,25 @@ def use_sync_bn(wanted: bool, world: World) -> bool:
     if wanted and world.distributed and world.device.type != 'cuda':
         logs.warn('train.sync_bn: SyncBatchNorm needs CUDA devices; this run keeps per-process BatchNorm')
     return wanted and world.distributed and world.device.type == 'cuda'
+
+
+def compile_telling_time(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile(model, mode). Compiling happens in the first forward and can take minutes on a large model:
+    that forward's time is printed once, so start-up is not held up silently."""
+    compiled = torch.compile(model, mode=mode)
+    started = []
+
+    def before(module, args):
+        started.append(time.perf_counter())
+
+    def after(module, args, output):
+        for handle in handles:
+            handle.remove()
+        logs.summary(f'train.compile ({mode}): the first forward took {time.perf_counter() - started[0]:.1f} s, '
+                     f'compiling included')
+
+    handles = [compiled.register_forward_pre_hook(before), compiled.register_forward_hook(after)]
+    return compiled
 
 
 def build_model(recipe: Recipe, num_classes: int, sync_bn: bool) -> torch.nn.Module:
@@ -164,6 +198,10 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
                         f'batch of {plan.global_batch}; lower train.global_batch_size')
+    if recipe.data.pipeline == 'dali' and train_cfg.precise_bn_batches:
+        # DALI's generators run on from batch to batch: precise BN's batches would move training's augmentations
+        raise UserError('train.precise_bn_batches runs with data.pipeline host only: set it 0 or use the host '
+                        'pipeline')
     train_loader, train_input = pipeline.training_input(recipe, train_source, train_sampler, norm, world,
                                                         plan.per_device)
 
@@ -176,7 +214,7 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     optimizer = create_optimizer(model, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
     if train_cfg.compile:
-        model = torch.compile(model)
+        model = compile_telling_time(model, train_cfg.compile_mode)
     if world.distributed:  # never the teacher, which is not in `model`
         model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None,
                                         **({} if train_cfg.dist_bn == 'broadcast' else BUFFERS_PER_RANK))

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import data
+from . import dali_pipeline, data
 from .build import Run
 from .diagnostics import duration, ema_full_decay_step, ema_half_life, run_ema_warm_step
 from .engine import forward_backward, optimizer_step
@@ -145,6 +145,9 @@ def time_teacher(run, size: int, repeats: int) -> float:
 
 def probe_batch(run, size: int):
     """`size` training samples prepared as the loader would, in this process, on the device."""
+    if isinstance(run.train_loader, dali_pipeline.DaliLoader):  # whole batches only; a dry run trains nothing after
+        images, labels, skipped = next(iter(run.train_loader))
+        return run.train_input((images[:size], labels[:size], skipped))
     dataset, seed = run.train_loader.dataset, run.recipe.train.seed
     samples = [dataset[(index % len(dataset), data.derive_seed(seed, index))] for index in range(size)]
     return run.train_input(run.train_loader.collate_fn(samples))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import data, device_decode
+from . import dali_pipeline, data, device_decode
 from .distributed import World
 from .recipe import DataConfig, Recipe
 
@@ -54,8 +54,13 @@ def fit_check_set(recipe: Recipe, train_source, norm: data.Normalization, world:
 
 def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: data.Normalization, world: World,
                    batch_size: int):
-    """(loader, device input) for training: PIL on the host, or JPEG decode on the device (data.decode)."""
+    """(loader, device input) for training: PIL on the host, JPEG decode on the device (data.decode), or DALI
+    (data.pipeline)."""
     channels_last = recipe.train.channels_last
+    if recipe.data.pipeline == 'dali':
+        loader = dali_pipeline.DaliLoader(source, sampler, batch_size, recipe.data, recipe.aug, recipe.train.seed,
+                                          world.device)
+        return loader, data.DeviceNormalize(norm, world.device, channels_last)
     if recipe.data.decode == 'device':
         dataset = device_decode.EncodedDataset(source, device_decode.CropPlanner(recipe.aug), recipe.data.img_size)
         collate = device_decode.collate

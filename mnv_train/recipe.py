@@ -78,6 +78,7 @@ class DataConfig:
     num_workers: int = _f(2, ge=0)
     max_bad_fraction: float = _f(0.001, ge=0, le=1)  # unreadable training images an epoch may skip, as a share
     decode: Literal['host', 'device'] = 'host'  # device: JPEG decode + crop + flip on the training device
+    pipeline: Literal['host', 'dali'] = 'host'  # dali: NVIDIA DALI decodes and augments (pip install -e '.[dali]')
     synthetic_train_size: int = _f(512, ge=1)
     synthetic_val_size: int = _f(128, ge=1)
     synthetic_classes: int = _f(10, ge=2)
@@ -196,6 +197,8 @@ class TrainConfig:
     amp: Literal['none', 'bf16', 'fp16'] = 'none'
     channels_last: bool = True
     compile: bool = False
+    # torch.compile's mode when train.compile; python -m mnv_train.bench --compile-modes measures each
+    compile_mode: Literal['default', 'max-autotune-no-cudagraphs', 'reduce-overhead'] = 'default'
     sync_bn: bool = False
     # BatchNorm running statistics under DDP: 'reduce' averages them over ranks after every optimizer step, so
     # evaluation and checkpoints see every rank's batches; 'broadcast' keeps DDP's default (rank 0's)

@@ -63,6 +63,7 @@ def capture(run) -> tuple[dict, dict]:
         'scaler': run.scaler.state_dict(),
         'state': asdict(run.state),
         'rng': rng_state(),
+        'input': run.input_state(),  # DALI's generators, when data.pipeline is dali
         'recipe': run.recipe.to_dict(),
         'plan': {'world_size': run.plan.world_size, 'per_device': run.plan.per_device,
                  'accum_steps': run.plan.accum_steps, 'global_batch': run.plan.global_batch},
@@ -126,6 +127,7 @@ def restore(run, payload: dict, source: str) -> list[str]:
     if run.scheduler is not None:
         run.scheduler.step_update(run.state.step)
     set_rng_state(payload['rng'])
+    run.restore_input(payload.get('input'))
     return notes
 
 

@@ -2,9 +2,19 @@
 import json
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from mnv_train import bench, preresize
+
+from conftest import ONE_EPOCH, train_tiny
+
+
+@pytest.fixture
+def dynamo_off(monkeypatch):
+    """Compiling conv_small takes minutes on a CPU: torch.compile's code path runs, with dynamo switched off."""
+    monkeypatch.setattr(torch._dynamo.config, 'disable', True)
 
 
 def test_bench_reports_three_rates_and_the_bound(write_recipe, tmp_path, capsys):
@@ -24,6 +34,33 @@ def test_bench_reports_three_rates_and_the_bound(write_recipe, tmp_path, capsys)
         assert 'shared_cores_bound' not in result
     printed = capsys.readouterr().out
     assert 'model only' in printed and 'input pipeline' in printed and 'end to end' in printed
+
+
+def test_bench_measures_each_compile_mode_with_channels_last_on_and_off(write_recipe, tmp_path, capsys, dynamo_off):
+    recipe = write_recipe({'train': {'batch_size': 8}})
+    out = tmp_path / 'modes.json'
+    assert bench.main(['--recipe', str(recipe), '--steps', '2', '--warmup', '1', '--json', str(out),
+                       '--compile-modes', 'eager,max-autotune-no-cudagraphs']) == 0
+    rows = json.loads(out.read_text())['compile_modes']
+    assert [(row['compile'], row['channels_last']) for row in rows] == [
+        ('eager', True), ('eager', False), ('max-autotune-no-cudagraphs', True), ('max-autotune-no-cudagraphs', False)]
+    assert all(row['model'] > 0 and row['first_step_s'] > 0 and row['loss_vs_eager'] >= 0 for row in rows)
+    assert rows[0]['loss_vs_eager'] == 0 == rows[1]['loss_vs_eager']
+    printed = capsys.readouterr().out
+    assert printed.count('train.compile (max-autotune-no-cudagraphs): the first forward took') == 2  # one per run
+    assert 'loss vs eager' in printed
+
+
+def test_bench_refuses_an_unknown_compile_mode(write_recipe, capsys):
+    assert bench.main(['--recipe', str(write_recipe()), '--compile-modes', 'fastest']) == 2
+    assert capsys.readouterr().err.strip().endswith('fastest: choose from all, eager, default, '
+                                                    'max-autotune-no-cudagraphs, reduce-overhead')
+
+
+def test_a_compiled_run_prints_its_compile_time_once(tmp_path, capsys, dynamo_off):
+    train_tiny(tmp_path, {**ONE_EPOCH, 'train': {'compile': True, 'compile_mode': 'reduce-overhead'}})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('train.compile')]
+    assert len(lines) == 1 and 'train.compile (reduce-overhead): the first forward took' in lines[0]
 
 
 def test_bench_refuses_a_dataset_too_small_for_the_steps(write_recipe, capsys):

@@ -1,0 +1,243 @@
+"""The training input on NVIDIA DALI (data.pipeline: dali), for small models that host cores cannot feed.
+
+DALI decodes the JPEGs (the GPU's hardware decoder when training on CUDA, its CPU backend otherwise, which is what
+the tests run), then crops (RandomResizedCrop), flips and runs RandAugment (nvidia.dali.auto_aug) on its own
+stream; the batch arrives as uint8 CHW and is normalised like the host path's (data.DeviceNormalize).
+
+Sample order is ours: EpochSampler's indices reach DALI through an external source, so epochs, evaluation and
+checkpoints mean what they mean on the host path. Augmentation randomness is DALI's: its generators are seeded
+from (seed, rank, samples taken) when a run starts and then run on from batch to batch, rather than being
+derived from (seed, epoch, position) for every sample as on the host path. Exact resume therefore keeps DALI's
+pipeline checkpoint (its RNG states) in ours, and the pipeline is rebuilt from the state after the last batch
+taken at every epoch start, because DALI reads ahead and an epoch's read-ahead must not advance the generators.
+"""
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections import OrderedDict, deque
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+
+from .data import UNREADABLE, EpochSampler, derive_seed, replacing_unreadable
+from .errors import UserError
+from .recipe import AugConfig, DataConfig
+
+MAGNITUDE_BINS = 11  # DALI's magnitude bin m of 0..10 then scales each op's range as timm's level m / 10 does
+FILL = 128  # rotations, shears, translations: one grey for all channels (timm fills with the mean colour)
+KEPT_STATES = 4  # pipeline checkpoints kept: the training loop may hold a batch or two beyond its last step
+
+
+def import_dali():
+    """nvidia.dali's fn, types and rand_augment: an optional dependency (pip install -e '.[dali]'), imported on use."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.auto_aug import rand_augment
+    except ImportError:
+        raise UserError('data.pipeline dali needs NVIDIA DALI: pip install -e \'.[dali]\' (or nvidia-dali-cuda130), '
+                        'or set data.pipeline host') from None
+    return fn, pipeline_def, types, rand_augment
+
+
+class RandAugmentPlan:
+    """timm's RandAugment string (aug.auto_augment), read by timm's own parser, as DALI's: `layers` ops per image,
+    each applied with probability `prob` at magnitude bin `magnitude` of 0..10, from timm's op list (`increasing`:
+    its inc1 variants)."""
+
+    def __init__(self, auto_augment: str):
+        if not auto_augment.startswith('rand'):
+            raise UserError(f'aug.auto_augment {auto_augment!r}: data.pipeline dali runs RandAugment (rand-...) only')
+        timm_ra = rand_augment_transform(auto_augment, {})
+        op = timm_ra.ops[0]
+        if op.magnitude_std or timm_ra.choice_weights is not None:
+            raise UserError(f'aug.auto_augment {auto_augment!r}: DALI\'s RandAugment has no magnitude noise (mstd) '
+                            f'or op weights (w); use mstd0 without w, or data.pipeline host')
+        if not 0 <= op.magnitude <= MAGNITUDE_BINS - 1:
+            raise UserError(f'aug.auto_augment {auto_augment!r}: magnitude {op.magnitude} is past DALI\'s full '
+                            f'range (10 on timm\'s scale); lower m, or use data.pipeline host')
+        self.layers, self.prob, self.magnitude = timm_ra.num_layers, op.prob, int(op.magnitude)
+        self.increasing = any(o.name.endswith('Increasing') for o in timm_ra.ops)
+
+
+def truncated_posterize_mask(bits: float) -> np.ndarray:
+    """DALI's posterize mask for int(bits) bits kept, as timm truncates; DALI rounds (and keeps at least 1 bit)."""
+    from nvidia.dali.auto_aug import augmentations as ops  # optional like DALI itself, see import_dali
+    return ops.poster_mask_uint8(np.floor(bits + 1e-6))
+
+
+def timm_op_list(increasing: bool) -> list:
+    """DALI's RandAugment ops, in timm's list ('rand' transforms) at timm's ranges at magnitude 10; DALI's default
+    suite lacks Invert and SolarizeAdd and adds Identity, and translates by 100/224 rather than 0.45."""
+    from nvidia.dali.auto_aug import augmentations as ops  # optional like DALI itself, see import_dali
+    if increasing:  # strength grows with the magnitude; enhance factors 1 +- 0.9 m / 10
+        enhance = [op.augmentation((0, 0.9), True, ops.shift_enhance_range) for op in (ops.color, ops.contrast,
+                                                                                         ops.brightness)]
+        sharpness = ops.sharpness.augmentation((0, 0.9), True, ops.sharpness_kernel)
+        posterize, solarize = ops.posterize.augmentation((4, 0), False), ops.solarize.augmentation((256, 0))
+    else:  # timm's default: enhance factor 0.1 + 1.8 m / 10, posterize keeps 0.4 m bits, solarize at 25.6 m
+        enhance = [op.augmentation((0.1, 1.9), False, None) for op in (ops.color, ops.contrast, ops.brightness)]
+        sharpness = ops.sharpness.augmentation((0.1, 1.9), False, ops.sharpness_kernel_shifted)
+        posterize = ops.posterize.augmentation((0, 4), False, truncated_posterize_mask)
+        solarize = ops.solarize.augmentation((0, 256))
+    return [ops.auto_contrast, ops.equalize, ops.invert, ops.rotate.augmentation((0, 30), True), posterize, solarize,
+            ops.solarize_add.augmentation((0, 110)), *enhance, sharpness, ops.shear_x.augmentation((0, 0.3), True),
+            ops.shear_y.augmentation((0, 0.3), True), ops.translate_x.augmentation((0, 0.45), True),
+            ops.translate_y.augmentation((0, 0.45), True)]
+
+
+def check_recipe(cfg: DataConfig, aug: AugConfig):
+    """What the DALI pipeline does not do, named as one-line errors before anything is built."""
+    if cfg.decode != 'host':
+        raise UserError('data.pipeline dali decodes on its own: set data.decode host')
+    if aug.tf_randaugment is not None or aug.color_jitter:
+        raise UserError('data.pipeline dali runs timm-style RandAugment (aug.auto_augment) only: set '
+                        'aug.tf_randaugment null and aug.color_jitter 0, or use data.pipeline host')
+    if aug.train_interpolation not in ('bilinear', 'bicubic'):
+        raise UserError(f'aug.train_interpolation {aug.train_interpolation!r}: data.pipeline dali resizes with '
+                        f'bilinear or bicubic')
+    if aug.auto_augment:
+        RandAugmentPlan(aug.auto_augment)
+
+
+def define_pipeline(cfg: DataConfig, aug: AugConfig, batches, batch_size: int, seed: int, device: torch.device,
+                    checkpoint: Optional[bytes]):
+    """DALI's pipeline: file bytes, labels and skip counts from `batches` -> (uint8 CHW image, label, skipped)."""
+    fn, pipeline_def, types, rand_augment = import_dali()
+    plan = RandAugmentPlan(aug.auto_augment) if aug.auto_augment else None
+    suite = timm_op_list(plan.increasing) if plan else []
+    size = cfg.img_size
+    interp = types.INTERP_CUBIC if aug.train_interpolation == 'bicubic' else types.INTERP_LINEAR
+    on_gpu = device.type == 'cuda'
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_workers),
+                  device_id=(device.index or 0) if on_gpu else None, seed=seed, enable_checkpointing=True,
+                  enable_conditionals=plan is not None, prefetch_queue_depth=2)
+    def pipeline():
+        files, labels, skipped = fn.external_source(source=batches, num_outputs=3,
+                                                    dtype=[types.UINT8, types.INT64, types.INT64])
+        images = fn.decoders.image_random_crop(files, device='mixed' if on_gpu else 'cpu', output_type=types.RGB,
+                                               random_area=list(aug.scale), random_aspect_ratio=list(aug.ratio))
+        images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=aug.hflip))
+        for _ in range(plan.layers if plan else 0):  # timm applies each of its layers with probability p
+            if fn.random.coin_flip(probability=plan.prob):
+                images = rand_augment.apply_rand_augment(suite, images, n=1, m=plan.magnitude,
+                                                         num_magnitude_bins=MAGNITUDE_BINS, shape=[size, size],
+                                                         fill_value=FILL)
+        images = fn.transpose(images, perm=[2, 0, 1])
+        return images, labels.gpu() if on_gpu else labels, skipped
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # auto_aug calls DALI's deprecated fn.experimental names
+        # DALI cannot checkpoint a Python source; ours restarts from the sampler's position, which resume sets
+        warnings.filterwarnings('ignore', 'Checkpointing enabled in a pipeline with external source')
+        pipe = pipeline(checkpoint=checkpoint)
+        pipe.build()
+    return pipe
+
+
+def decodable(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except UNREADABLE:
+        return False
+
+
+def to_torch(tensor_list) -> torch.Tensor:
+    """A DALI output batch as a torch tensor of its own (DALI reuses its buffers on the next run)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray  # optional like DALI itself, see import_dali
+    from nvidia.dali.tensors import TensorListGPU
+    from nvidia.dali.types import DALIDataType
+    dense = tensor_list.as_tensor()
+    if isinstance(tensor_list, TensorListGPU):
+        dtype = torch.uint8 if tensor_list.dtype == DALIDataType.UINT8 else torch.int64
+        out = torch.empty(dense.shape(), dtype=dtype, device=torch.device('cuda', torch.cuda.current_device()))
+        return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
+    return torch.from_numpy(np.array(dense))
+
+
+class DaliLoader:
+    """Batches (uint8 images, labels, unreadable samples skipped) from this rank's sampler through DALI."""
+
+    def __init__(self, source, sampler: EpochSampler, batch_size: int, cfg: DataConfig, aug: AugConfig,
+                 seed: int, device: torch.device):
+        if not hasattr(source, 'read_bytes'):
+            raise UserError('data.pipeline dali reads image files: set data.dataset folder (or hfds/...), or use '
+                            'data.pipeline host')
+        check_recipe(cfg, aug)
+        self.dataset, self.sampler, self.batch_size = source, sampler, batch_size
+        self.cfg, self.aug, self.device = cfg, aug, device
+        self.seed, self.rank = seed, sampler.rank
+        self.taken = 0  # samples this rank has taken over the whole run, the key of the saved states
+        self.states: OrderedDict[int, Optional[bytes]] = OrderedDict()  # samples taken -> DALI's checkpoint just after
+        self.pending: deque = deque()  # sample indices of the batches handed to DALI and not yet out of it
+
+    def __iter__(self):
+        self.states[self.taken] = self.states.get(self.taken)  # None: a fresh pipeline, seeded from where it is
+        seed = derive_seed(self.seed, self.rank, self.taken) % 2**31
+        pipe = define_pipeline(self.cfg, self.aug, self.file_batches, self.batch_size, seed, self.device,
+                               self.states[self.taken])
+        self.pending.clear()
+        for _ in range(len(self.sampler) // self.batch_size):
+            try:
+                images, labels, skipped = (to_torch(out) for out in pipe.run())
+            except RuntimeError as e:  # DALI's pipeline cannot go on after a failed decode
+                raise UserError(f'DALI cannot decode {self.culprit(str(e))}: check the data with python -m '
+                                f'mnv_train.check_data DATA_DIR, or use data.pipeline host') from None
+            self.pending.popleft()
+            self.taken += len(labels)
+            self.keep_state(pipe.checkpoint())
+            yield images, labels, int(skipped.sum())
+
+    def file_batches(self):
+        """This epoch's batches of (file bytes, label, skipped) from the sampler's position, for DALI."""
+        samples = iter(self.sampler)
+        for _ in range(len(self.sampler) // self.batch_size):
+            indices = [index for index, _ in (next(samples) for _ in range(self.batch_size))]
+            batch = [replacing_unreadable(self.dataset, index, self.checked_bytes) for index in indices]
+            self.pending.append([(index + skipped) % len(self.dataset) for index, (_, skipped) in zip(indices, batch)])
+            yield ([np.frombuffer(data, dtype=np.uint8) for (data, _), _ in batch],
+                   [np.array(label, dtype=np.int64) for (_, label), _ in batch],
+                   [np.array(skipped, dtype=np.int64) for _, skipped in batch])
+
+    def checked_bytes(self, index: int) -> tuple[bytes, int]:
+        """A file's bytes and label; one whose header PIL cannot read is a UserError naming it, which
+        replacing_unreadable turns into a warning and the next sample, as on the host path."""
+        data, label = self.dataset.read_bytes(index)
+        try:
+            Image.open(io.BytesIO(data))
+        except UNREADABLE as e:
+            raise UserError(f'cannot read image {self.dataset.describe(index)}: {e}') from None
+        return data, label
+
+    def culprit(self, error: str) -> str:
+        """The file(s) behind DALI's 'Failed to decode sample #i' among the batches it was given: those PIL cannot
+        decode either, else every candidate."""
+        found = re.search(r'sample #(\d+)', error)
+        candidates = [batch[int(found.group(1))] for batch in self.pending] if found else sum(self.pending, [])
+        culprits = [index for index in candidates if not decodable(self.dataset.read_bytes(index)[0])] or candidates
+        return ', '.join(self.dataset.describe(index) for index in culprits)
+
+    def keep_state(self, state: bytes):
+        self.states[self.taken] = state
+        while len(self.states) > KEPT_STATES:
+            self.states.popitem(last=False)
+
+    def state_dict(self, taken: int) -> dict:
+        """DALI's checkpoint after `taken` samples of this rank, as a tensor for our checkpoint file."""
+        if taken not in self.states:
+            raise RuntimeError(f'no DALI state kept for {taken} samples taken (kept: {list(self.states)})')
+        if self.states[taken] is None:
+            return {'taken': taken, 'dali': None}
+        return {'taken': taken, 'dali': torch.frombuffer(bytearray(self.states[taken]), dtype=torch.uint8)}
+
+    def load_state_dict(self, state: dict):
+        self.taken = state['taken']
+        self.states = OrderedDict({self.taken: None if state['dali'] is None else state['dali'].numpy().tobytes()})

@@ -1,0 +1,271 @@
+"""The DALI training input on DALI's CPU backend: order, resume, shapes and ranges, unreadable files."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+pytest.importorskip('nvidia.dali')
+
+from mnv_train import checkpoint, dali_pipeline, data  # noqa: E402
+from mnv_train import recipe as recipes  # noqa: E402
+from mnv_train.cli import train_main  # noqa: E402
+from mnv_train.errors import UserError  # noqa: E402
+from mnv_train.recipe import AugConfig, DataConfig  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+
+BATCH = 4
+RAND_AUGMENT = 'rand-m9-n2-mstd0-p0.5'
+
+
+def jpeg(seed: int, width: int) -> bytes:
+    pixels = (np.random.default_rng(seed).random((40, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, 'JPEG', quality=90)
+    return buffer.getvalue()
+
+
+class JpegFiles:
+    """A folder-like source whose label is the sample index; `broken` indices hold bytes no decoder reads."""
+
+    def __init__(self, count: int, broken=()):
+        self.files = [b'not an image' if i in broken else jpeg(i, 40 + i % 5 * 8) for i in range(count)]
+
+    def __len__(self):
+        return len(self.files)
+
+    def read_bytes(self, index):
+        return self.files[index], index
+
+    def describe(self, index):
+        return f'file{index}.jpg'
+
+
+def loader(source, auto_augment=RAND_AUGMENT, seed=0) -> dali_pipeline.DaliLoader:
+    sampler = data.EpochSampler(len(source), rank=0, world_size=1, seed=seed)
+    return dali_pipeline.DaliLoader(source, sampler, BATCH, DataConfig(img_size=24, num_workers=1),
+                                    AugConfig(auto_augment=auto_augment, train_interpolation='bicubic'), seed,
+                                    torch.device('cpu'))
+
+
+def epoch(dali: dali_pipeline.DaliLoader, number: int, start: int = 0) -> list:
+    dali.sampler.set_position(number, start)
+    return list(dali)
+
+
+@pytest.fixture(scope='module')
+def two_epochs():
+    """A loader over 16 files, two epochs of 4 batches, and the state kept after the first two batches."""
+    dali = loader(JpegFiles(16))
+    first = epoch(dali, 0)
+    state = dali.state_dict(2 * BATCH)
+    return dali, first, epoch(dali, 1), state
+
+
+def test_dali_batches_hold_the_host_samplers_indices_in_its_order(two_epochs):
+    dali, first, second, _ = two_epochs
+    for number, batches in enumerate((first, second)):
+        host = data.EpochSampler(16, rank=0, world_size=1, seed=0)
+        host.set_position(number)
+        assert torch.cat([labels for _, labels, _ in batches]).tolist() == [index for index, _ in host]
+
+
+def test_dali_batches_are_uint8_chw_at_img_size_with_labels_and_no_skips(two_epochs):
+    _, first, _, _ = two_epochs
+    images, labels, skipped = first[0]
+    assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, 24, 24)
+    assert labels.dtype == torch.int64 and labels.shape == (BATCH,) and skipped == 0
+    assert images.float().std() > 20  # random photos, not a blank canvas
+    assert not torch.equal(images[0], images[1])
+
+
+def test_a_loader_restored_mid_epoch_repeats_the_uninterrupted_batches_and_next_epoch(two_epochs):
+    _, first, second, state = two_epochs
+    resumed = loader(JpegFiles(16))
+    resumed.load_state_dict(state)
+    rest = epoch(resumed, 0, start=2 * BATCH)
+    for (a, la, _), (b, lb, _) in zip(first[2:], rest, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    for (a, _, _), (b, _, _) in zip(second, epoch(resumed, 1), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_loader_from_the_same_seed_gives_the_same_batches_and_another_seed_others(two_epochs):
+    _, first, _, _ = two_epochs
+    again, other = loader(JpegFiles(16)), loader(JpegFiles(16), seed=1)
+    assert torch.equal(epoch(again, 0)[0][0], first[0][0])
+    assert not torch.equal(epoch(other, 0)[0][0], first[0][0])
+
+
+def test_a_file_no_decoder_reads_is_named_in_one_line_and_replaced_by_the_next(capsys):
+    dali = loader(JpegFiles(8, broken={5}), auto_augment=None)
+    labels, skipped = [], 0
+    for _, batch_labels, batch_skipped in epoch(dali, 0):
+        labels += batch_labels.tolist()
+        skipped += batch_skipped
+    warning = [line for line in capsys.readouterr().err.splitlines() if 'file5.jpg' in line]
+    assert len(warning) == 1 and 'sample 6 takes its place' in warning[0]
+    assert skipped == 1 and 5 not in labels and labels.count(6) == 2
+
+
+@pytest.mark.parametrize('aug, culprit', [
+    ({'auto_augment': 'rand-m9-n2-mstd0.5'}, 'mstd'),
+    ({'auto_augment': 'rand-m15-mmax15-n2-mstd0'}, 'magnitude 15'),
+    ({'auto_augment': 'augmix-m5'}, 'rand-'),
+    ({'color_jitter': 0.4}, 'color_jitter'),
+    ({'train_interpolation': 'random'}, 'train_interpolation'),
+])
+def test_what_dali_does_not_run_is_a_one_line_error_naming_the_key(aug, culprit):
+    with pytest.raises(UserError, match=culprit) as error:
+        dali_pipeline.check_recipe(DataConfig(), AugConfig(**{'train_interpolation': 'bilinear', **aug}))
+    assert '\n' not in str(error.value)
+
+
+def test_a_file_that_stops_short_stops_the_run_with_one_line_naming_it():
+    source = JpegFiles(8)
+    source.files[5] = source.files[5][:len(source.files[5]) // 3]  # the header reads, the picture does not
+    with pytest.raises(UserError, match=r'^DALI cannot decode file5\.jpg: check the data') as error:
+        epoch(loader(source, auto_augment=None), 0)
+    assert '\n' not in str(error.value)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    for split, count in (('train', 32), ('validation', 8)):
+        for label in range(2):
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count // 2):
+                (folder / f'{i}.jpg').write_bytes(jpeg(i + 100 * label, 40 + 8 * label))
+    return root
+
+
+def dali_recipe(write_recipe, image_folder, **train):
+    return write_recipe({'data': {'dataset': 'folder', 'data_dir': str(image_folder), 'pipeline': 'dali'},
+                         'aug': {'auto_augment': RAND_AUGMENT, 'train_interpolation': 'bilinear'},
+                         'train': {'global_batch_size': 8, 'batch_size': 8, **train}, 'schedule': {'epochs': 2}})
+
+
+def test_a_dali_run_stopped_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, write_recipe,
+                                                                                       image_folder):
+    recipe = dali_recipe(write_recipe, image_folder)
+    out = {name: tmp_path / name for name in ('whole', 'sliced')}
+    assert train_main(['--recipe', str(recipe), '--output', str(out['whole']), '--quiet']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(out['sliced']), '--quiet', '--max-steps', '3']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(out['sliced']), '--quiet', '--resume', 'auto']) == 0
+    whole, sliced = (checkpoint.load(out[name] / 'checkpoints' / 'last.pt') for name in ('whole', 'sliced'))
+    assert whole['state']['step'] == 8 and whole['input']['dali'] is not None
+    assert all(torch.equal(whole['model'][key], sliced['model'][key]) for key in whole['model'])
+
+
+def test_precise_bn_with_dali_is_refused_in_one_line(tmp_path, write_recipe, image_folder, capsys):
+    recipe = dali_recipe(write_recipe, image_folder, precise_bn_batches=2)
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'error: train.precise_bn_batches runs with data.pipeline host only: set it 0 or use the host pipeline']
+
+
+def test_data_pipeline_takes_host_or_dali_and_defaults_to_host():
+    assert DataConfig().pipeline == 'host'
+    with pytest.raises(UserError, match='data.pipeline'):
+        recipes.load('mnv4_conv_small', ['data.pipeline=gpu'])
+
+
+# ---------------------------------------------------------------------------------------------- the GPU check
+
+def bench_row(model: float, input_rate: float, train: float) -> dict:
+    return {'model': model, 'input': input_rate, 'train': train, 'bound_by': 'input' if input_rate < model else 'model',
+            'train_vs_bound': train / min(model, input_rate), 'per_device_batch': 256, 'workers': 16}
+
+
+def test_the_gpu_summary_checks_the_dali_targets_and_says_which_bound_each_row_is_under(tmp_path):
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import gpu_summary  # a script folder, not a package
+    (tmp_path / 'bench').mkdir()
+    rows = {'conv_small_224_host': bench_row(16926, 4900, 4840), 'conv_small_224_dali': bench_row(16926, 30000, 14000),
+            'hybrid_large_384_dali': bench_row(1600, 9000, 1500)}
+    for name, row in rows.items():
+        (tmp_path / 'bench' / f'{name}.json').write_text(json.dumps(row))
+    assert gpu_summary.main(['summarize', str(tmp_path)]) == 0
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    dali = {t['name'].split(':')[0]: t for t in report['targets'] if t['name'].startswith('DALI')}
+    assert dali['DALI end to end >= 2.5 x the host pipeline\'s']['value'] == pytest.approx(14000 / 4840)
+    assert dali['DALI end to end >= 80% of model only']['value'] == pytest.approx(14000 / 16926)
+    assert dali['DALI end to end >= 1700 img/s per device']['met'] is False
+    summary = (tmp_path / 'summary.md').read_text().splitlines()
+    for name, bound in (('conv_small_224_host', 'input (4900.0 img/s)'), ('conv_small_224_dali', 'model (16926.0'),
+                        ('hybrid_large_384_dali', 'model (1600.0')):
+        label = {**gpu_summary.BENCH_LABELS, **gpu_summary.DALI_LABELS}[name]
+        assert any(line.startswith(f'| {label} |') and bound in line.split('|')[-2] for line in summary), name
+
+
+def test_the_gpu_checks_dry_run_runs_the_dali_rows_when_asked(tmp_path):
+    from test_gpu_check import run_check
+    skipped = ('pytest_cuda bench_conv_small_224_host bench_conv_small_224_device bench_hybrid_large_384_eager fmnist '
+               'bench_hybrid_large_384_compiled bench_hybrid_large_384_dali')
+    result = run_check('--tiny', timeout=600, GPU_CHECK_OUT=str(tmp_path / 'out'), SKIP=skipped, DALI_ROWS='1')
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())
+    steps = {step['name']: step for step in report['steps']}
+    assert steps['bench_conv_small_224_dali']['status'] == 'ok'
+    assert '--set data.pipeline=dali' in steps['bench_hybrid_large_384_dali']['command']
+    row = report['bench']['conv_small_224_dali']
+    assert row['train'] > 0 and row['bound_by'] in ('model', 'input')
+
+
+# ---------------------------------------------------------------------------------------------- RandAugment vs timm
+
+def dali_op_outputs(image: np.ndarray, increasing: bool, magnitude: int) -> list:
+    """Each op of the DALI suite alone at `magnitude` on 8 copies of `image`, in one pipeline."""
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali.auto_aug import rand_augment
+    suite = dali_pipeline.timm_op_list(increasing)
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=3, enable_conditionals=True)
+    def each_op():
+        x = fn.external_source(source=lambda: [image] * 8, batch=True, layout='HWC')
+        outputs = []
+        for op in suite:
+            kwargs = {'fill_value': dali_pipeline.FILL} if op.name.startswith(('rotate', 'shear', 'translate')) else {}
+            kwargs.update({'shape': list(image.shape[:2])} if op.name.startswith('translate') else {})
+            outputs.append(rand_augment.apply_rand_augment([op], x, n=1, m=magnitude,
+                                                           num_magnitude_bins=dali_pipeline.MAGNITUDE_BINS, **kwargs))
+        return tuple(outputs)
+
+    pipe = each_op()
+    pipe.build()
+    return [[np.asarray(sample, dtype=float) for sample in batch] for batch in pipe.run()]
+
+
+@pytest.mark.parametrize('increasing', [False, True], ids=['rand', 'rand-inc1'])
+def test_each_dali_randaugment_op_gives_timms_image_at_magnitude_9(increasing):
+    """timm's own ops, run here, are the reference; each DALI op's output is compared with timm's for both signs
+    of its magnitude. Equalize differs most (DALI's histogram equalisation is not PIL's), within 6 levels of 255."""
+    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS, AugmentOp
+    photo = Image.open(io.BytesIO(jpeg(7, 96))).resize((96, 96))
+    smooth = np.asarray(photo.filter(ImageFilter.GaussianBlur(3)))
+    names = _RAND_INCREASING_TRANSFORMS if increasing else _RAND_TRANSFORMS
+    outputs = dali_op_outputs(smooth, increasing, magnitude=9)
+    assert len(outputs) == len(names) == 15
+    for name, batch in zip(names, outputs):
+        reference = []
+        for sign_seed in range(4):  # timm draws each op's sign with random.random()
+            random.seed(sign_seed)
+            op = AugmentOp(name, prob=1.0, magnitude=9, hparams={'img_mean': (dali_pipeline.FILL,) * 3})
+            reference.append(np.asarray(op(Image.fromarray(smooth)), dtype=float))
+        gap = max(min(np.abs(sample - ref).mean() for ref in reference) for sample in batch)
+        assert gap < (6 if name == 'Equalize' else 1.5), (name, gap)
+
+
+def test_a_dry_run_times_a_dali_batch(tmp_path, write_recipe, image_folder, capsys):
+    recipe = dali_recipe(write_recipe, image_folder)
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
+    assert 'forward + backward' in capsys.readouterr().out  # the probe batch came from DALI
