@@ -21,7 +21,7 @@ TIMM = {'mnv4_conv_small': 'mobilenetv4_conv_small.e2400_r224_in1k',
         'mnv4_conv_medium': 'mobilenetv4_conv_medium.e500_r256_in1k',
         'mnv4_conv_large': 'mobilenetv4_conv_large.e600_r384_in1k',
         'mnv4_hybrid_medium': 'mobilenetv4_hybrid_medium.ix_e550_r256_in1k',
-        'mnv4_hybrid_large': 'mobilenetv4_hybrid_large.e600_r384_in1k',
+        'mnv4_hybrid_large': 'mobilenetv4_hybrid_large.ix_e600_r384_in1k',  # the init timm 1.0.31 builds
         'mobilenetv1_100_ra4': 'mobilenetv1_100.ra4_e3600_r224_in1k',
         'efficientnet_b0_ra4': 'efficientnet_b0.ra4_e3600_r224_in1k',
         'mobilenetv3_large_100_ra4': 'mobilenetv3_large_100.ra4_e3600_r224_in1k'}
@@ -221,9 +221,10 @@ def test_kd_recipes_are_their_base_recipe_plus_distillation_from_the_teacher_the
         'distill.teacher', 'distill.teacher_path', 'distill.img_size', 'distill.task_loss_weight',
         'provenance.expected_top1', 'provenance.expected_top1_eval', 'provenance.eval_img_size',
         'provenance.eval_crop_pct'}  # no published figure for a distilled student
-    teacher = timm.models.get_pretrained_cfg(TIMM['mnv4_hybrid_large'])
-    assert kd.distill.teacher == TIMM['mnv4_hybrid_large'].split('.')[0]
-    assert TIMM['mnv4_hybrid_large'] in kd.distill.teacher_path and kd.distill.img_size == teacher.input_size[-1]
+    teacher_tag = 'mobilenetv4_hybrid_large.e600_r384_in1k'  # the published weights, a teacher as good as any
+    teacher = timm.models.get_pretrained_cfg(teacher_tag)
+    assert kd.distill.teacher == teacher_tag.split('.')[0]
+    assert teacher_tag in kd.distill.teacher_path and kd.distill.img_size == teacher.input_size[-1]
     assert (kd.distill.task_loss_weight, kd.distill.distill_loss_weight) == (0.0, 1.0)  # teacher's labels alone
 
     fmnist = recipes.load('fmnist_mnv4_conv_small_kd')
