@@ -159,8 +159,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     ema = create_ema(module, plan, recipe) if recipe.ema.enabled else None
 
     train_sampler = data.EpochSampler(len(train_source), world.rank, world.size, train_cfg.seed,
-                                      recipe.aug.aug_repeats)
-    steps_per_epoch = len(train_sampler) // plan.per_device // plan.accum_steps
+                                      recipe.aug.aug_repeats, plan.per_device, plan.accum_steps)
+    steps_per_epoch = train_sampler.steps
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
                         f'batch of {plan.global_batch}; lower train.global_batch_size')

@@ -120,9 +120,14 @@ def restore(run, payload: dict, source: str) -> list[str]:
     elif payload['plan']['world_size'] != run.plan.world_size:
         notes.append(f'world size changed {payload["plan"]["world_size"]} -> {run.plan.world_size}: same global '
                      f'batch, accumulation {payload["plan"]["accum_steps"]} -> {run.plan.accum_steps}')
-    if run.state.samples_in_epoch % (run.world.size * run.plan.per_device):
-        run.state.samples_in_epoch -= run.state.samples_in_epoch % (run.world.size * run.plan.per_device)
-        notes.append('mid-epoch position rounded down to a whole batch of the new world size')
+    old_per_device = payload['plan']['per_device']
+    if old_per_device != run.plan.per_device:
+        notes.append(f'per-device batch changed {old_per_device} -> {run.plan.per_device}: the trajectory will differ '
+                     f'from the saved run\'s, since its micro-batches change (which images share BatchNorm '
+                     f'statistics and Mixup/CutMix pairs, and the random draws of each)')
+    if run.state.samples_in_epoch % run.plan.global_batch:
+        run.state.samples_in_epoch -= run.state.samples_in_epoch % run.plan.global_batch
+        notes.append('mid-epoch position rounded down to a whole step of the new global batch')
     if run.scheduler is not None:
         run.scheduler.step_update(run.state.step)
     set_rng_state(payload['rng'])
