@@ -73,9 +73,10 @@ class Run:
 
     def no_sync(self, finishing: bool):
         """Skip DDP's gradient all-reduce on accumulation micro-steps."""
-        if finishing or not isinstance(self.model, DistributedDataParallel):
+        wrapped = getattr(self.model, '_orig_mod', self.model)  # under torch.compile's wrapper, when compiled
+        if finishing or not isinstance(wrapped, DistributedDataParallel):
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return wrapped.no_sync()
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss of a micro-batch: the task's, plus the teacher's term when distilling."""
@@ -175,11 +176,11 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     model = distillation.task.trainable_module if distillation else module  # what trains: maybe + a projection
     optimizer = create_optimizer(model, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
-    if train_cfg.compile:
-        model = torch.compile(model)
     if world.distributed:  # never the teacher, which is not in `model`
         model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None,
                                         **({} if train_cfg.dist_bn == 'broadcast' else BUFFERS_PER_RANK))
+    if train_cfg.compile:  # the DDP-wrapped model, as torch documents: the graph breaks at DDP's buckets, so that
+        model = torch.compile(model)  # each bucket's all-reduce overlaps the rest of the backward
     if distillation:
         distillation.task.trainable_module = model
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 import fnmatch
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from . import checkpoint
 from . import model as models
+from .distributed import World
 from .errors import UserError
 from .recipe import flatten
 
@@ -74,6 +77,37 @@ def capture(run) -> tuple[dict, dict]:
     manifest = {'step': run.state.step, 'epoch': run.state.epoch, 'samples_seen': run.state.samples_seen,
                 'metrics': last, 'best_top1': run.state.best_top1}
     return payload, manifest
+
+
+def agreed_checkpoint(checkpointer: checkpoint.Checkpointer, world: World) -> Optional[tuple[Path, dict]]:
+    """The newest valid checkpoint as rank 0 sees it, loaded on every rank (None when there is none).
+
+    On a network filesystem a node can list the folder as it was a while ago: rank 0 alone chooses, every other
+    rank loads the path it was sent, and the ranks compare the step and sha256 they loaded. Any disagreement
+    stops every rank in one line (ranks that resumed from different states would train on silently).
+    """
+    found = checkpointer.latest_valid() if world.is_main else None
+    chosen = world.broadcast_from_main(str(found[0]) if found is not None else None)
+    if chosen is None:
+        return None
+    path, payload = Path(chosen), found[1] if found is not None else None
+    try:
+        payload = payload or checkpoint.load(path, needs=checkpoint.RUN_PARTS)
+        view = (payload['state']['step'], checkpoint.read_manifest(path)['sha256'])
+    except UserError as e:  # reported below, on every rank, rather than leaving the others waiting
+        view = str(e)
+    views = world.gather(view)
+    for rank, view in enumerate(views):
+        if view != views[0] or not isinstance(view, tuple):
+            raise UserError(f'rank {rank} did not load the checkpoint rank 0 chose, {path} ({describe(views[0])}), '
+                            f'but {describe(view)}: every node must see the run folder alike (one shared, '
+                            f'consistent filesystem); pass --resume PATH with a checkpoint every node can read')
+    return path, payload
+
+
+def describe(view) -> str:
+    """A rank's view of a checkpoint for agreed_checkpoint's message: (step, sha256), or the error it met."""
+    return f'step {view[0]}, sha256 {view[1][:12]}' if isinstance(view, tuple) else view
 
 
 def match_parameter_layout(optimizer: torch.optim.Optimizer):
