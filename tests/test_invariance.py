@@ -1,6 +1,7 @@
 """A run is a function of its recipe and seed, not of its world size: the same optimizer steps on 1 process with
 accumulation 4, 2 with 2 and 4 with 1, and across a resume that changes the world size."""
 import functools
+import json
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mnv_train import checkpoint, data, engine, resume
+from mnv_train import bench, checkpoint, data, engine, resume
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import check_shared_folder, train_main
@@ -256,3 +257,13 @@ def test_a_resume_that_changes_the_per_device_batch_says_the_trajectory_will_dif
     said = [line for line in capsys.readouterr().err.splitlines() if 'trajectory' in line]
     assert len(said) == 1 and 'per-device batch changed 8 -> 4: the trajectory will differ' in said[0]
     assert last(Path(out))['plan']['accum_steps'] == 8  # the same global batch of 32
+
+
+def test_bench_shows_what_the_sampler_and_seeding_cost_a_step(tmp_path, capsys):
+    recipe = tmp_path / 'bench.yaml'
+    recipe.write_text(yaml.safe_dump(merge(TINY, {'data': {'synthetic_train_size': 128}, 'train': {'batch_size': 8}})))
+    assert bench.main(['--recipe', str(recipe), '--steps', '2', '--warmup', '1', '--json', str(tmp_path / 'b.json'),
+                       '--device', 'cpu']) == 0
+    result = json.loads((tmp_path / 'b.json').read_text())
+    assert 0 < result['sampling_s_per_step'] and 0 < result['sampling_share'] < 1
+    assert 'sampler and seeding' in capsys.readouterr().out
