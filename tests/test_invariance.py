@@ -25,7 +25,7 @@ from conftest import REPO, TINY, merge
 
 # a model with BatchNorm, dropout and drop-path; RandAugment per sample; Mixup+CutMix and erasing per micro-batch.
 # SGD at a small LR, and BatchNorm over 8 images of at least 2 x 2: the runs differ in the order of floating-point
-# sums only, and a badly conditioned run would grow that into more than 1e-5 within 20 steps (measured: at 16 px,
+# sums only, and a badly conditioned run would grow that into more than 1e-5 within 20 steps (measured: at 32 px,
 # 4 images a device and LR 0.005, one process with 1 thread against 2 threads, 9e-2 after 7 steps). AdamW moves a
 # weight whose gradient is zero but for rounding (a BatchNorm bias the next BatchNorm cancels) by +-lr on that
 # rounding alone, so it is not used here.
