@@ -5,6 +5,8 @@
 (a) model: forward + backward + optimizer step on batches already on the device;
 (b) input: decode + the recipe's augmentations + copy/normalise on the device, no model;
 (c) train: the real training loop (engine.train_one_epoch), data and model together.
+The sampler's order and per-sample seeds and the per-micro-batch seeding run on the host in every step; their
+cost is shown beside (c), as a share of a training step.
 End to end should come within ~10 % of min(a, b); a bigger gap points at the glue between them. On a CPU the
 loader workers and the model share the cores, so there the bound is 1 / (1/a + 1/b), which is printed too.
 
@@ -29,7 +31,7 @@ import torch
 from . import distributed, logs
 from . import recipe as recipes
 from .build import Run, build_run
-from .engine import epoch_batches, forward_backward, optimizer_step, train_steps
+from .engine import epoch_batches, forward_backward, optimizer_step, seed_micro_batch, train_steps
 from .entry import Parser, add_recipe_arguments, guarded, recipe_overrides
 from .errors import UserError
 
@@ -79,6 +81,21 @@ def train_rate(run: Run, steps: int, warmup: int) -> float:
     return steps * run.plan.global_batch / (ends[-1] - ends[warmup - 1])
 
 
+def sampling_time(run: Run, steps: int) -> float:
+    """Seconds per optimizer step this rank spends choosing its samples with their augmentation seeds and seeding
+    its micro-batches, from an epoch's start (which builds the epoch's order)."""
+    sampler, accum = run.train_sampler, run.plan.accum_steps
+    sampler.set_position(epoch=0)
+    items = iter(sampler)
+    start = time.perf_counter()
+    for step in range(steps):
+        for micro_step in range(accum):
+            for _ in range(run.plan.per_device):
+                next(items)
+            seed_micro_batch(run, step, micro_step)
+    return (time.perf_counter() - start) / steps
+
+
 def bench(run: Run, steps: int, warmup: int) -> dict:
     needed = (steps + warmup) * run.plan.accum_steps + 1
     if run.steps_per_epoch * run.plan.accum_steps < needed:
@@ -88,6 +105,8 @@ def bench(run: Run, steps: int, warmup: int) -> dict:
     result['model'] = model_rate(run, steps, warmup)
     run.state.step = 0
     result['train'] = train_rate(run, steps, warmup)
+    result['sampling_s_per_step'] = sampling_time(run, steps)
+    result['sampling_share'] = result['sampling_s_per_step'] * result['train'] / run.plan.global_batch
     bound = min(result['input'], result['model'])
     result.update({'bound_by': 'input' if result['input'] < result['model'] else 'model',
                    'train_vs_bound': result['train'] / bound})
@@ -209,6 +228,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for key, label in (('model', 'model only'), ('input', 'input pipeline'), ('train', 'end to end')):
             print(f'  {label:15s} {result[key]:10.1f} img/s')
         print(f'  bound by the {result["bound_by"]}; end to end = {100 * result["train_vs_bound"]:.0f} % of it')
+        print(f'  sampler and seeding {1e3 * result["sampling_s_per_step"]:.2f} ms a step, '
+              f'{100 * result["sampling_share"]:.2f} % of a training step')
         if 'shared_cores_bound' in result:
             print(f'  on CPU the loader shares the cores with the model: together they allow '
                   f'{result["shared_cores_bound"]:.1f} img/s; end to end = '

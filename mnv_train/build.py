@@ -74,9 +74,10 @@ class Run:
 
     def no_sync(self, finishing: bool):
         """Skip DDP's gradient all-reduce on accumulation micro-steps."""
-        if finishing or not isinstance(self.model, DistributedDataParallel):
+        wrapped = getattr(self.model, '_orig_mod', self.model)  # under torch.compile's wrapper, when compiled
+        if finishing or not isinstance(wrapped, DistributedDataParallel):
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return wrapped.no_sync()
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss of a micro-batch: the task's, plus the teacher's term when distilling."""
@@ -193,8 +194,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     ema = create_ema(module, plan, recipe) if recipe.ema.enabled else None
 
     train_sampler = data.EpochSampler(len(train_source), world.rank, world.size, train_cfg.seed,
-                                      recipe.aug.aug_repeats)
-    steps_per_epoch = len(train_sampler) // plan.per_device // plan.accum_steps
+                                      recipe.aug.aug_repeats, plan.per_device, plan.accum_steps)
+    steps_per_epoch = train_sampler.steps
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
                         f'batch of {plan.global_batch}; lower train.global_batch_size')
@@ -213,11 +214,11 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     model = distillation.task.trainable_module if distillation else module  # what trains: maybe + a projection
     optimizer = create_optimizer(model, recipe.optim, plan.lr, fused=world.device.type == 'cuda')
     scheduler = create_scheduler(optimizer, recipe.schedule, steps_per_epoch)
-    if train_cfg.compile:
-        model = compile_telling_time(model, train_cfg.compile_mode)
     if world.distributed:  # never the teacher, which is not in `model`
         model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None,
                                         **({} if train_cfg.dist_bn == 'broadcast' else BUFFERS_PER_RANK))
+    if train_cfg.compile:  # the DDP-wrapped model, as torch documents: the graph breaks at DDP's buckets, so that
+        model = compile_telling_time(model, train_cfg.compile_mode)  # each bucket's all-reduce overlaps the backward
     if distillation:
         distillation.task.trainable_module = model
 

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +76,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         return 0
     mode = args.resume or elastic_restart()
     with holding_lock(run_dir, world, recipe.train.lock_stale_minutes, args.force_unlock) as lock:
+        check_shared_folder(run_dir, world)
         refuse_to_overwrite(run_dir, mode)
         run = build_run(recipe, world, run_dir, args.global_batch, args.batch_size)
         payload = resume_run(run, mode, payload, resume_path, args.allow_recipe_change)
@@ -171,6 +173,23 @@ def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, 
             lock.release()
 
 
+def check_shared_folder(run_dir: Path, world: distributed.World):
+    """Every rank must see the run folder rank 0 writes in: resume reads rank 0's checkpoints everywhere. On
+    node-local disks each node would see a folder of its own; rank 0 writes a probe file and every rank looks."""
+    if not world.distributed:
+        return
+    probe = run_dir / f'.probe-{os.getpid()}-{time.time_ns()}' if world.is_main else None
+    if probe is not None:
+        probe.write_text('every rank of the run looks for this file at start\n')
+    name = world.broadcast_from_main(probe.name if probe is not None else None)
+    blind = [rank for rank, seen in enumerate(world.gather((run_dir / name).is_file())) if not seen]
+    if probe is not None:
+        probe.unlink()
+    if blind:
+        raise UserError(f'rank(s) {", ".join(map(str, blind))} cannot see {run_dir}, where rank 0 writes (a disk '
+                        f'local to each node?): pass --output a folder on a filesystem every node mounts')
+
+
 def start_trackers(run: Run, payload: Optional[dict]):
     """The recipe's W&B / MLflow runs, on rank 0: new ones, or the checkpoint's continued. One that cannot start
     stops the run here, before it trains."""
@@ -198,7 +217,7 @@ def resume_run(run: Run, mode: Optional[str], payload: Optional[dict], resume_pa
     """Put the checkpoint of --resume PATH, or for --resume auto the newest valid one, back into the run; returns
     its payload (None for a new run)."""
     if mode == 'auto':
-        found = run.checkpointer.latest_valid()
+        found = resume.agreed_checkpoint(run.checkpointer, run.world)  # rank 0 chooses, every rank checks
         if found is None:
             logs.info(f'no checkpoint in {run.checkpointer.directory} yet: starting from scratch')
         else:

@@ -290,33 +290,56 @@ def collate(samples) -> tuple[torch.Tensor, torch.Tensor, int]:
 # ---------------------------------------------------------------------------------------------- samplers
 
 class EpochSampler(Sampler):
-    """This rank's share of an epoch as (index, sample_seed), starting at any position.
+    """This rank's share of an epoch as (index, sample_seed), starting at any optimizer step.
 
-    Order comes from torch's DistributedSampler (or timm's RepeatAugSampler with aug_repeats); each sample's
-    augmentation seed is derived from (seed, epoch, rank, position) so that skipping ahead needs no replay.
+    The epoch is one order of the dataset for the whole job, cut into optimizer steps of world_size * accum *
+    micro_batch samples; each step's slice is dealt round-robin into world_size * accum micro-batches, and this
+    rank takes micro-batches `rank`, `rank + world_size`, ... in turn. Every draw is keyed without the rank: a
+    sample's augmentation seed by (seed, epoch, place in the epoch), so 1 process with accumulation 4 sees the
+    same micro-batches, identically augmented, as 4 processes without. Dealing round-robin puts timm's repeated
+    samples (aug_repeats) into different micro-batches, as its RepeatAugSampler puts them on different ranks.
     """
 
-    def __init__(self, size: int, rank: int, world_size: int, seed: int, repeats: int = 0):
-        self.rank, self.seed = rank, seed
-        if repeats:
-            self.order = RepeatAugSampler(range(size), num_replicas=world_size, rank=rank, num_repeats=repeats)
-        else:
-            self.order = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        self.epoch, self.start = 0, 0
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, repeats: int = 0, micro_batch: int = 1,
+                 accum: int = 1):
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.micro_batch, self.accum = micro_batch, accum
+        # one rank of one: the job's order, whatever the world size; the ranks then take their micro-batches
+        self.order = (RepeatAugSampler(range(size), num_replicas=1, rank=0, num_repeats=repeats) if repeats
+                      else DistributedSampler(range(size), num_replicas=1, rank=0, shuffle=True, seed=seed))
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def step_size(self) -> int:
+        """Samples in one optimizer step, over all ranks."""
+        return self.world_size * self.accum * self.micro_batch
+
+    @property
+    def steps(self) -> int:
+        """Whole optimizer steps in an epoch; the samples left over wait for the next epoch's order."""
+        return len(self.order) // self.step_size
 
     def set_position(self, epoch: int, start: int = 0):
-        self.epoch, self.start = epoch, start
+        """From sample `start` of the epoch (over all ranks), rounded down to a step boundary."""
+        self.epoch, self.start_step = epoch, start // self.step_size
+
+    def micro_batch_index(self, micro_step: int) -> int:
+        """The place within its optimizer step of this rank's micro-batch `micro_step` (0 to accum - 1)."""
+        return micro_step * self.world_size + self.rank
 
     def __len__(self):
-        return len(self.order) - self.start
+        return (self.steps - self.start_step) * self.accum * self.micro_batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # RepeatAugSampler seeds its shuffle with the epoch alone; folding the run seed in keeps runs distinct
         self.order.set_epoch(self.epoch if isinstance(self.order, DistributedSampler)
                              else derive_seed(self.seed, self.epoch) % 2**62)
-        indices = list(self.order)
-        for position in range(self.start, len(indices)):
-            yield indices[position], derive_seed(self.seed, self.epoch, self.rank, position)
+        indices, micro_batches = list(self.order), self.world_size * self.accum
+        for step in range(self.start_step, self.steps):
+            for micro_step in range(self.accum):
+                first = step * self.step_size + self.micro_batch_index(micro_step)
+                for place in range(first, first + micro_batches * self.micro_batch, micro_batches):
+                    yield indices[place], derive_seed(self.seed, self.epoch, place)
 
 
 class ShardSampler(Sampler):

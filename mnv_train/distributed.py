@@ -50,6 +50,22 @@ class World:
         dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.control)
         return self.size - int(vote) if int(vote) else None
 
+    def broadcast_from_main(self, value):
+        """Rank 0's value (any picklable object) on every rank, over the host-side group; every rank must call."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every rank's value (any picklable object), in rank order, over the host-side group."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value, group=self.control)
+        return values
+
     def average_batchnorm(self, model: torch.nn.Module):
         """Every rank's BatchNorm running statistics replaced by their mean over ranks (one flat all-reduce)."""
         if not self.distributed:

@@ -131,8 +131,7 @@ def optimizer_steps(run: Run, epoch: int, pending: Pending) -> Iterator[int]:
     run.model.train()
     for batch_index, (images, targets, skipped) in timed(epoch_batches(run, epoch), pending):
         pending.in_step = True  # the run's state changes from here until the step is counted
-        seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, state.step, batch_index % accum,
-                                    run.world.rank))
+        seed_micro_batch(run, state.step, batch_index % accum)
         images, targets = run.augment(images, targets, epoch)
         finishing = (batch_index + 1) % accum == 0
         pending.record_batch(forward_backward(run, images, targets, finishing), skipped)
@@ -141,6 +140,14 @@ def optimizer_steps(run: Run, epoch: int, pending: Pending) -> Iterator[int]:
             state.add_samples(run.plan.global_batch)
             pending.in_step = False
             yield state.step
+
+
+def seed_micro_batch(run: Run, step: int, micro_step: int):
+    """Every RNG seeded for this rank's micro-batch `micro_step` of optimizer step `step`. The key is the
+    micro-batch's place in the step, not the rank: any world size and accumulation with the same product and
+    per-device batch draw the same Mixup/CutMix, erasing, drop-path and dropout."""
+    seed_everything(derive_seed(run.recipe.train.seed, STEP_STREAM, step,
+                                run.train_sampler.micro_batch_index(micro_step)))
 
 
 def timed(batches, pending: Pending):
@@ -158,9 +165,9 @@ def timed(batches, pending: Pending):
 
 def epoch_batches(run: Run, epoch: int):
     """(batch index within the epoch, device batch) from the run's position, for the epoch's optimizer steps."""
-    per_step = run.world.size * run.plan.per_device
-    done = run.state.samples_in_epoch // per_step
-    run.train_sampler.set_position(epoch, done * run.plan.per_device)
+    steps_done = run.state.samples_in_epoch // run.plan.global_batch
+    run.train_sampler.set_position(epoch, steps_done * run.plan.global_batch)
+    done = steps_done * run.plan.accum_steps
     remaining = max(0, run.steps_per_epoch * run.plan.accum_steps - done)
     batches = device_batches(itertools.islice(run.train_loader, remaining), run.train_input)
     return zip(itertools.count(done), batches)
@@ -411,7 +418,7 @@ def weights_finite(run: Run) -> bool:
 def roll_back(run: Run, watch: Watch, why: str):
     """Back to the newest checkpoint that loads, then RolledBack (fit carries on from there); after
     MAX_ROLLBACKS, or with no checkpoint, the run stops with a UserError that says what to change."""
-    found = run.checkpointer.latest_valid()
+    found = resume.agreed_checkpoint(run.checkpointer, run.world)
     watch.guard.rollbacks += 1
     if found is None or watch.guard.rollbacks > MAX_ROLLBACKS:
         again = 'no checkpoint to roll back to' if found is None else 'it happened again after rolling back twice'

@@ -8,12 +8,15 @@ from __future__ import annotations
 import fnmatch
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from . import checkpoint
 from . import model as models
+from .distributed import World
 from .errors import UserError
 from .recipe import flatten
 
@@ -77,6 +80,37 @@ def capture(run) -> tuple[dict, dict]:
     return payload, manifest
 
 
+def agreed_checkpoint(checkpointer: checkpoint.Checkpointer, world: World) -> Optional[tuple[Path, dict]]:
+    """The newest valid checkpoint as rank 0 sees it, loaded on every rank (None when there is none).
+
+    On a network filesystem a node can list the folder as it was a while ago: rank 0 alone chooses, every other
+    rank loads the path it was sent, and the ranks compare the step and sha256 they loaded. Any disagreement
+    stops every rank in one line (ranks that resumed from different states would train on silently).
+    """
+    found = checkpointer.latest_valid() if world.is_main else None
+    chosen = world.broadcast_from_main(str(found[0]) if found is not None else None)
+    if chosen is None:
+        return None
+    path, payload = Path(chosen), found[1] if found is not None else None
+    try:
+        payload = payload or checkpoint.load(path, needs=checkpoint.RUN_PARTS)
+        view = (payload['state']['step'], checkpoint.read_manifest(path)['sha256'])
+    except UserError as e:  # reported below, on every rank, rather than leaving the others waiting
+        view = str(e)
+    views = world.gather(view)
+    for rank, view in enumerate(views):
+        if view != views[0] or not isinstance(view, tuple):
+            raise UserError(f'rank {rank} did not load the checkpoint rank 0 chose, {path} ({describe(views[0])}), '
+                            f'but {describe(view)}: every node must see the run folder alike (one shared, '
+                            f'consistent filesystem); pass --resume PATH with a checkpoint every node can read')
+    return path, payload
+
+
+def describe(view) -> str:
+    """A rank's view of a checkpoint for agreed_checkpoint's message: (step, sha256), or the error it met."""
+    return f'step {view[0]}, sha256 {view[1][:12]}' if isinstance(view, tuple) else view
+
+
 def match_parameter_layout(optimizer: torch.optim.Optimizer):
     """Optimizer moments in the memory layout of their parameters, which may differ from the saved run's
     (train.channels_last toggled): fused and foreach kernels expect the two to match."""
@@ -121,9 +155,14 @@ def restore(run, payload: dict, source: str) -> list[str]:
     elif payload['plan']['world_size'] != run.plan.world_size:
         notes.append(f'world size changed {payload["plan"]["world_size"]} -> {run.plan.world_size}: same global '
                      f'batch, accumulation {payload["plan"]["accum_steps"]} -> {run.plan.accum_steps}')
-    if run.state.samples_in_epoch % (run.world.size * run.plan.per_device):
-        run.state.samples_in_epoch -= run.state.samples_in_epoch % (run.world.size * run.plan.per_device)
-        notes.append('mid-epoch position rounded down to a whole batch of the new world size')
+    old_per_device = payload['plan']['per_device']
+    if old_per_device != run.plan.per_device:
+        notes.append(f'per-device batch changed {old_per_device} -> {run.plan.per_device}: the trajectory will differ '
+                     f'from the saved run\'s, since its micro-batches change (which images share BatchNorm '
+                     f'statistics and Mixup/CutMix pairs, and the random draws of each)')
+    if run.state.samples_in_epoch % run.plan.global_batch:
+        run.state.samples_in_epoch -= run.state.samples_in_epoch % run.plan.global_batch
+        notes.append('mid-epoch position rounded down to a whole step of the new global batch')
     if run.scheduler is not None:
         run.scheduler.step_update(run.state.step)
     set_rng_state(payload['rng'])

@@ -1,0 +1,269 @@
+"""A run is a function of its recipe and seed, not of its world size: the same optimizer steps on 1 process with
+accumulation 4, 2 with 2 and 4 with 1, and across a resume that changes the world size."""
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+
+from mnv_train import bench, checkpoint, data, engine, resume
+from mnv_train import recipe as recipes
+from mnv_train.build import build_run
+from mnv_train.cli import check_shared_folder, train_main
+from mnv_train.distributed import World
+from mnv_train.errors import UserError
+
+from conftest import REPO, TINY, merge
+
+# a model with BatchNorm, dropout and drop-path; RandAugment per sample; Mixup+CutMix and erasing per micro-batch.
+# SGD at a small LR, and BatchNorm over 8 images of at least 2 x 2: the runs differ in the order of floating-point
+# sums only, and a badly conditioned run would grow that into more than 1e-5 within 20 steps (measured: at 32 px,
+# 4 images a device and LR 0.005, one process with 1 thread against 2 threads, 9e-2 after 7 steps). AdamW moves a
+# weight whose gradient is zero but for rounding (a BatchNorm bias the next BatchNorm cancels) by +-lr on that
+# rounding alone, so it is not used here.
+INVARIANT = merge(TINY, {
+    'model': {'name': 'test_efficientnet', 'drop_rate': 0.1, 'drop_path_rate': 0.2},
+    'data': {'img_size': 64, 'synthetic_train_size': 256, 'synthetic_val_size': 8},
+    'aug': {'auto_augment': 'rand-m9-mstd0.5', 'mixup': 0.8, 'cutmix': 1.0, 'reprob': 0.25},
+    'optim': {'name': 'sgd', 'lr': 0.002},
+    'schedule': {'epochs': 3, 'warmup_epochs': 0.5},
+    'train': {'global_batch_size': 32, 'batch_size': 8, 'log_every': 5},
+})  # 8 steps an epoch: 20 steps cross two epoch ends
+
+
+def torchrun_command(nproc: int, *args, nodes: str = '--standalone', restarts: int = 0) -> list[str]:
+    return [sys.executable, '-m', 'torch.distributed.run', *nodes.split(), f'--nproc_per_node={nproc}',
+            f'--max-restarts={restarts}', str(REPO / 'train.py'), '--device', 'cpu', '--quiet', *map(str, args)]
+
+
+def torchrun(nproc: int, *args):
+    result = subprocess.run(torchrun_command(nproc, *args), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def last(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / 'checkpoints' / 'last.pt')
+
+
+def is_batchnorm_statistic(key: str) -> bool:
+    return key.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
+
+
+def largest_difference(a: dict, b: dict, statistics: bool) -> float:
+    """Max |a - b| over the weights (statistics=False) or over the BatchNorm running statistics."""
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a
+               if is_batchnorm_statistic(k) == statistics and a[k].is_floating_point())
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory) -> dict:
+    """20 optimizer steps of 32 samples, 8 per device: {(processes, accumulation): final checkpoint}, and the
+    1-process run's checkpoint at step 16."""
+    root = tmp_path_factory.mktemp('invariance')
+    recipe = root / 'invariant.yaml'
+    recipe.write_text(yaml.safe_dump(INVARIANT))
+    assert train_main(['--recipe', str(recipe), '--output', str(root / '1x4'), '--max-steps', '20', '--quiet']) == 0
+    for nproc, accum in ((2, 2), (4, 1)):
+        torchrun(nproc, '--recipe', recipe, '--output', root / f'{nproc}x{accum}', '--max-steps', 20)
+    return {(1, 4): last(root / '1x4'), (2, 2): last(root / '2x2'), (4, 1): last(root / '4x1'),
+            'step 16': checkpoint.load(root / '1x4' / 'checkpoints' / 'step-00000016.pt')}
+
+
+@pytest.mark.parametrize('world', [(2, 2), (4, 1)])
+def test_any_world_size_at_the_same_per_device_batch_trains_the_same_weights(runs, world):
+    reference, other = runs[(1, 4)], runs[world]
+    assert other['plan'] == {'world_size': world[0], 'per_device': 8, 'accum_steps': world[1], 'global_batch': 32}
+    assert other['state']['step'] == reference['state']['step'] == 20
+    weights = largest_difference(reference['model'], other['model'], statistics=False)
+    ema = largest_difference(reference['ema'], other['ema'], statistics=False)
+    statistics = largest_difference(reference['model'], other['model'], statistics=True)
+    print(f'{world[0]} processes x accumulation {world[1]}: max |weight difference| {weights:.2e} (EMA {ema:.2e}), '
+          f'BatchNorm running statistics {statistics:.2e}')
+    assert weights < 1e-5 and ema < 1e-5
+    moved = largest_difference(runs['step 16']['model'], reference['model'], statistics=False)
+    assert moved > 1e-3, 'the last 4 steps hardly moved the weights: the tolerance tells nothing'
+
+
+def test_the_job_sees_the_same_micro_batches_whatever_its_world_size():
+    """Every (step, place in the step) micro-batch holds the same samples with the same augmentation seeds."""
+    def micro_batches(world_size: int, accum: int) -> dict:
+        found = {}
+        for rank in range(world_size):
+            sampler = data.EpochSampler(100, rank, world_size, seed=5, micro_batch=3, accum=accum)
+            sampler.set_position(epoch=1, start=12)
+            items = list(sampler)
+            for i in range(0, len(items), 3):
+                step, micro_step = divmod(i // 3, accum)
+                found[(step, sampler.micro_batch_index(micro_step))] = items[i:i + 3]
+        return found
+    one = micro_batches(1, 4)
+    assert len(one) == (100 // 12 - 1) * 4 and len({index for batch in one.values() for index, _ in batch}) == 84
+    assert micro_batches(2, 2) == micro_batches(4, 1) == one
+
+
+def test_resume_on_another_world_size_at_a_step_boundary_continues_the_same_trajectory(tmp_path):
+    recipe = tmp_path / 'invariant.yaml'
+    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {'train': {'global_batch_size': 16}})))
+    whole, moved = tmp_path / 'whole', tmp_path / 'moved'
+    assert train_main(['--recipe', str(recipe), '--output', str(whole), '--max-steps', '20', '--quiet']) == 0
+    torchrun(2, '--recipe', recipe, '--output', moved, '--max-steps', 10)
+    assert last(moved)['plan']['world_size'] == 2 and last(moved)['state']['step'] == 10
+    assert train_main(['--recipe', str(recipe), '--output', str(moved), '--resume', 'auto', '--max-steps', '20',
+                       '--quiet']) == 0
+    reference, resumed = last(whole), last(moved)
+    assert resumed['plan'] == {'world_size': 1, 'per_device': 8, 'accum_steps': 2, 'global_batch': 16}
+    weights = largest_difference(reference['model'], resumed['model'], statistics=False)
+    print(f'2 processes for 10 steps, then 1 process x accumulation 2: max |weight difference| {weights:.2e}')
+    assert resumed['state']['step'] == 20 and weights < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- nodes that agree
+
+def two_ranks(tmp_path: Path, target, *args) -> list[str]:
+    """target(world, rank, *args) on 2 spawned gloo processes: each rank's result, or its UserError, as text."""
+    torch.multiprocessing.start_processes(rank_main, args=(tmp_path, target, args), nprocs=2, start_method='spawn')
+    return [(tmp_path / f'rank{rank}.out').read_text() for rank in range(2)]
+
+
+def rank_main(rank: int, tmp_path: Path, target, args):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=rank, world_size=2)
+    try:
+        out = repr(target(World(rank=rank, size=2, control=dist.group.WORLD), rank, *args))
+    except UserError as e:
+        out = f'UserError: {e}'
+    finally:
+        dist.destroy_process_group()
+    (tmp_path / f'rank{rank}.out').write_text(out)
+
+
+def probe_own_folder(world: World, rank: int, root: Path):
+    """Each rank its own folder, as with disks local to each node."""
+    check_shared_folder(root / f'node{rank}', world)
+
+
+def probe_shared_folder(world: World, rank: int, root: Path):
+    check_shared_folder(root, world)
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_a_run_folder_that_some_rank_cannot_see_is_refused_in_one_line(tmp_path):
+    for rank in range(2):
+        (tmp_path / f'node{rank}').mkdir()
+    refusals = two_ranks(tmp_path, probe_own_folder, tmp_path)
+    for refusal in refusals:  # on every rank, each naming its own view of the folder
+        assert refusal.startswith('UserError: rank(s) 1 cannot see ')
+        assert refusal.endswith('pass --output a folder on a filesystem every node mounts')
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    (tmp_path / 'rendezvous').unlink(missing_ok=True)
+    assert two_ranks(tmp_path, probe_shared_folder, shared) == ['[]', '[]']  # accepted, and the probe is gone
+
+
+def write_checkpoint(folder: Path, step: int, marker: float):
+    """A checkpoint with every part a run resumes from (contents beside the point here)."""
+    parts = {part: {'value': torch.tensor(marker)} for part in checkpoint.RUN_PARTS}
+    checkpoint.write(folder / f'step-{step:08d}.pt', {**parts, 'state': {'step': step}}, {'step': step})
+
+
+def resume_on_own_node(world: World, rank: int, root: Path):
+    """The ranks run in their node's folder, and name the checkpoints folder relatively, as one path that each
+    node resolves on its own disk."""
+    os.chdir(root / f'node{rank}')
+    found = resume.agreed_checkpoint(checkpoint.Checkpointer(Path('checkpoints'), 2, world.is_main), world)
+    return str(found[0]), float(found[1]['model']['value'])
+
+
+def test_rank_0_chooses_the_resume_checkpoint_and_ranks_that_loaded_another_stop(tmp_path):
+    lagging, ahead = tmp_path / 'node0' / 'checkpoints', tmp_path / 'node1' / 'checkpoints'
+    write_checkpoint(lagging, 4, 1.0)
+    shutil.copytree(lagging, ahead)
+    write_checkpoint(ahead, 6, 2.0)  # rank 1 alone lists a newer one: rank 0's choice wins
+    assert two_ranks(tmp_path, resume_on_own_node, tmp_path) == [repr(('checkpoints/step-00000004.pt', 1.0))] * 2
+    write_checkpoint(ahead, 4, 3.0)  # the same name, other contents: the ranks would resume from different states
+    (tmp_path / 'rendezvous').unlink(missing_ok=True)
+    refusals = two_ranks(tmp_path, resume_on_own_node, tmp_path)
+    assert refusals[0] == refusals[1]
+    assert refusals[0].startswith('UserError: rank 1 did not load the checkpoint rank 0 chose, '
+                                  'checkpoints/step-00000004.pt (step 4, sha256 ')
+
+
+def compiled_and_eager_losses(world: World, rank: int, root: Path) -> dict:
+    """The losses of 3 steps of the same DDP run, eager and under torch.compile. On this CPU inductor took about
+    8 minutes to compile and draws dropout from its own generator, so the graphs run through AOTAutograd with
+    eager kernels: the same DDP graph splitting and compiled backward, without the C++ build."""
+    torch.compile = functools.partial(torch.compile, backend='aot_eager')  # this spawned process only
+    losses = {}
+    for compiled in (False, True):
+        recipe = recipes.from_dict(merge(INVARIANT, {'data': {'img_size': 32},
+                                                     'train': {'compile': compiled, 'global_batch_size': 16}}))
+        run = build_run(recipe, world, root / f'compile-{compiled}')
+        losses[compiled] = []
+        engine.train_steps(run, 3, after_step=lambda pending, seen=losses[compiled]: seen.extend(
+            pending.read_back()[0]))
+    losses['compiled'] = type(getattr(run.model, '_orig_mod', None)).__name__  # what torch.compile wrapped
+    return losses
+
+
+def test_compiled_ddp_trains_like_eager_ddp(tmp_path):
+    """train.compile compiles the DDP-wrapped model (its all-reduce then overlaps the backward), on CPU too."""
+    for result in two_ranks(tmp_path, compiled_and_eager_losses, tmp_path):
+        losses = eval(result)
+        assert losses['compiled'] == 'DistributedDataParallel'
+        assert len(losses[True]) == len(losses[False]) == 3
+        assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes(tmp_path):
+    """Two agents rendezvous over c10d as two nodes would, each with one process, and agree on the run folder."""
+    recipe = tmp_path / 'nodes.yaml'
+    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {
+        'data': {'img_size': 32, 'synthetic_train_size': 128}, 'schedule': {'epochs': 1, 'warmup_epochs': 0.1},
+        'train': {'global_batch_size': 16, 'log_every': 1000}})))  # 8 steps
+    torchrun(2, '--recipe', recipe, '--output', tmp_path / 'one-node')
+    nodes, out = f'--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{free_port()}', tmp_path / 'two-nodes'
+    agents = [subprocess.Popen(torchrun_command(1, '--recipe', recipe, '--output', out, nodes=nodes),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for agent in agents:
+        _, stderr = agent.communicate(timeout=600)
+        assert agent.returncode == 0, stderr[-3000:]
+    one, two = last(tmp_path / 'one-node'), last(out)
+    assert two['state']['step'] == one['state']['step'] == 8
+    for key in one['model']:
+        assert torch.equal(one['model'][key], two['model'][key]), key
+
+
+def test_a_resume_that_changes_the_per_device_batch_says_the_trajectory_will_differ(tmp_path, capsys):
+    recipe = tmp_path / 'invariant.yaml'
+    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {'data': {'img_size': 32}})))
+    out = str(tmp_path / 'run')
+    assert train_main(['--recipe', str(recipe), '--output', out, '--max-steps', '1', '--quiet']) == 0
+    capsys.readouterr()
+    assert train_main(['--recipe', str(recipe), '--output', out, '--max-steps', '2', '--quiet', '--resume', 'auto',
+                       '--batch-size', '4']) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if 'trajectory' in line]
+    assert len(said) == 1 and 'per-device batch changed 8 -> 4: the trajectory will differ' in said[0]
+    assert last(Path(out))['plan']['accum_steps'] == 8  # the same global batch of 32
+
+
+def test_bench_shows_what_the_sampler_and_seeding_cost_a_step(tmp_path, capsys):
+    recipe = tmp_path / 'bench.yaml'
+    recipe.write_text(yaml.safe_dump(merge(TINY, {'data': {'synthetic_train_size': 128}, 'train': {'batch_size': 8}})))
+    assert bench.main(['--recipe', str(recipe), '--steps', '2', '--warmup', '1', '--json', str(tmp_path / 'b.json'),
+                       '--device', 'cpu']) == 0
+    result = json.loads((tmp_path / 'b.json').read_text())
+    assert 0 < result['sampling_s_per_step'] and 0 < result['sampling_share'] < 1
+    assert 'sampler and seeding' in capsys.readouterr().out
