@@ -7,6 +7,7 @@ with any number of loader workers.
 from __future__ import annotations
 
 import gzip
+import itertools
 import random
 import struct
 from dataclasses import dataclass
@@ -388,12 +389,14 @@ class DeviceNormalize:
                 skipped)
 
 
-def loader_batches(loader):
-    """The loader's batches. A worker killed while it hands a batch over (its shared memory travels through
-    multiprocessing's fd sharing) surfaces as ConnectionResetError; asked once more, the loader notices the dead
-    worker and raises its usual RuntimeError naming it, which the loop reports in one line."""
+def loader_batches(loader, limit: Optional[int] = None):
+    """The loader's batches, at most `limit` of them. A worker killed while it hands a batch over (its shared memory
+    travels through multiprocessing's fd sharing) surfaces as ConnectionResetError; asked once more, the loader
+    notices the dead worker and raises its usual RuntimeError naming it, which the loop reports in one line. The
+    limit is counted here, not by an itertools.islice around the loader: islice ends for good at the first error, so
+    the second ask would get nothing and the worker would go unnamed."""
     batches = iter(loader)
-    while True:
+    for _ in itertools.repeat(None) if limit is None else range(limit):
         try:
             batch = next(batches)
         except StopIteration:
@@ -404,14 +407,14 @@ def loader_batches(loader):
         yield batch
 
 
-def device_batches(loader, normalize: DeviceNormalize):
-    """(images, labels, skipped) batches, normalised on the device. On CUDA the next batch is copied and
-    normalised on a side stream while the current one computes."""
+def device_batches(loader, normalize: DeviceNormalize, limit: Optional[int] = None):
+    """(images, labels, skipped) batches, at most `limit`, normalised on the device. On CUDA the next batch is copied
+    and normalised on a side stream while the current one computes."""
     if normalize.device.type != 'cuda':
-        yield from map(normalize, loader_batches(loader))
+        yield from map(normalize, loader_batches(loader, limit))
         return
     stream, ready = torch.cuda.Stream(), None
-    for batch in loader_batches(loader):
+    for batch in loader_batches(loader, limit):
         with torch.cuda.stream(stream):
             upcoming = normalize(batch)
         if ready is not None:

@@ -169,7 +169,7 @@ def epoch_batches(run: Run, epoch: int):
     run.train_sampler.set_position(epoch, steps_done * run.plan.global_batch)
     done = steps_done * run.plan.accum_steps
     remaining = max(0, run.steps_per_epoch * run.plan.accum_steps - done)
-    batches = device_batches(itertools.islice(run.train_loader, remaining), run.train_input)
+    batches = device_batches(run.train_loader, run.train_input, limit=remaining)
     return zip(itertools.count(done), batches)
 
 

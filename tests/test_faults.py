@@ -235,6 +235,7 @@ def test_a_worker_killed_while_handing_over_a_batch_stops_the_run_in_one_line_wi
     assert train_main(['--recipe', str(write_recipe(STEPS_OF_8)), '--output', str(out), '--quiet']) == 2
     lines = capfd.readouterr().err.splitlines()  # never a ConnectionResetError traceback
     assert len(lines) == 1 and lines[0].startswith('error: data loader worker ') and ' died (' in lines[0], lines
+    assert '4242' in lines[0], lines  # the loader asked once more names the worker
     assert lines[0].endswith(f'step 3 was saved; continue with --resume auto --output {out}'), lines
     assert last(out)['state']['step'] == 3
 
