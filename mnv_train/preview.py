@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from timm.data.auto_augment import RandAugment
 
-from . import augment, data
+from . import augment, dali_pipeline, data
 from .build import Run
 from .plots import pyplot, save_figure
 
@@ -40,11 +40,24 @@ def find_rand_augment(transform) -> Optional[RandAugment]:
     return next((t for t in getattr(transform, 'transforms', []) if isinstance(t, RandAugment)), None)
 
 
+def runs_dali(run: Run) -> bool:
+    return isinstance(run.train_loader, dali_pipeline.DaliLoader)
+
+
+def recipe_rand_augment(run: Run) -> Optional[RandAugment]:
+    """The host transform's RandAugment; under DALI, which runs the same ops in timm's list and ranges on whole
+    batches, the one the host transform would hold; none with device decode, which has no RandAugment."""
+    if runs_dali(run):
+        norm = data.resolve_normalization(run.recipe.data, run.module)
+        return find_rand_augment(data.train_transform(run.recipe.data, run.recipe.aug, norm))
+    return find_rand_augment(getattr(run.train_loader.dataset, 'transform', None))
+
+
 def write_preview(run: Run) -> list[Path]:
     """The table always; the picture where matplotlib is installed. Spends nothing of the run but RNG draws."""
     folder = run.run_dir / 'plots'
     folder.mkdir(parents=True, exist_ok=True)
-    rand_augment = find_rand_augment(run.train_loader.dataset.transform)
+    rand_augment = recipe_rand_augment(run)
     table = folder / 'augment_preview.md'
     table.write_text(effects_table(rand_augment, run.recipe.data.img_size, run.recipe.name))
     plt = pyplot()
@@ -76,6 +89,21 @@ def draw_mosaic(plt, images: torch.Tensor, captions: list[str], title: str):
 
 def augmented_batch(run: Run, rand_augment: Optional[RandAugment]):
     """PREVIEW_IMAGES training images as NCHW floats in [0, 1] on the CPU, and a caption per image."""
+    if runs_dali(run):  # DALI augments a whole batch in its own graph: the ops each image got are not known
+        images, targets, _ = run.train_input(next(iter(run.train_loader)))
+        images, targets = images[:PREVIEW_IMAGES], targets[:PREVIEW_IMAGES]
+        captions = ['DALI: ops not recorded'] * len(images)
+    else:
+        images, targets, captions = host_batch(run, rand_augment)
+    images, targets = run.augment(images, targets, epoch=0)
+    if targets.ndim == 2:  # mixed: the image's own label keeps this weight
+        captions = [f'{caption}\nlabel weight {weight:.2f}' for caption, weight in zip(captions, targets.max(1)[0])]
+    pixels = images.float() * run.train_input.std + run.train_input.mean
+    return (pixels / 255).clamp(0, 1).cpu(), captions
+
+
+def host_batch(run: Run, rand_augment: Optional[RandAugment]):
+    """The preview's images through the loader's own dataset and collate, each captioned with the ops it got."""
     dataset, seed, log, ops = run.train_loader.dataset, run.recipe.train.seed, [], []
     if rand_augment is not None:
         ops, rand_augment.ops = rand_augment.ops, [_Recorder(op, log) for op in rand_augment.ops]
@@ -89,11 +117,7 @@ def augmented_batch(run: Run, rand_augment: Optional[RandAugment]):
         if rand_augment is not None:
             rand_augment.ops = ops
     images, targets, _ = run.train_input(run.train_loader.collate_fn(samples))
-    images, targets = run.augment(images, targets, epoch=0)
-    if targets.ndim == 2:  # mixed: the image's own label keeps this weight
-        captions = [f'{caption}\nlabel weight {weight:.2f}' for caption, weight in zip(captions, targets.max(1)[0])]
-    pixels = images.float() * run.train_input.std + run.train_input.mean
-    return (pixels / 255).clamp(0, 1).cpu(), captions
+    return images, targets, captions
 
 
 def effects_table(rand_augment: Optional[RandAugment], img_size: int, name: str) -> str:

@@ -265,7 +265,10 @@ def test_each_dali_randaugment_op_gives_timms_image_at_magnitude_9(increasing):
         assert gap < (6 if name == 'Equalize' else 1.5), (name, gap)
 
 
-def test_a_dry_run_times_a_dali_batch(tmp_path, write_recipe, image_folder, capsys):
+def test_a_dry_run_times_a_dali_batch_and_previews_it(tmp_path, write_recipe, image_folder, capsys):
     recipe = dali_recipe(write_recipe, image_folder)
     assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
     assert 'forward + backward' in capsys.readouterr().out  # the probe batch came from DALI
+    plots = tmp_path / 'run' / 'plots'  # the preview shows DALI's batch, and its table the recipe's ops
+    assert (plots / 'augment_preview.png').stat().st_size > 0
+    assert '| TranslateXRel | 9 |' in (plots / 'augment_preview.md').read_text()
