@@ -151,6 +151,7 @@ def probe_own_folder(world: World, rank: int, root: Path):
 
 def probe_shared_folder(world: World, rank: int, root: Path):
     check_shared_folder(root, world)
+    dist.barrier()  # rank 0 removes the probe after the ranks have looked: list the folder once it has
     return sorted(p.name for p in root.iterdir())
 
 
