@@ -236,7 +236,10 @@ def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes
         'train': {'global_batch_size': 16, 'log_every': 1000}})))  # 8 steps
     torchrun(2, '--recipe', recipe, '--output', tmp_path / 'one-node')
     nodes, out = f'--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{free_port()}', tmp_path / 'two-nodes'
-    agents = [subprocess.Popen(torchrun_command(1, '--recipe', recipe, '--output', out, nodes=nodes),
+    # one thread a process, as torchrun sets for the 2-process agent but not for agents of 1: bit identity needs the
+    # same thread count (a 2-thread process sums in another order)
+    one_thread = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    agents = [subprocess.Popen(torchrun_command(1, '--recipe', recipe, '--output', out, nodes=nodes), env=one_thread,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for agent in agents:
         _, stderr = agent.communicate(timeout=600)

@@ -56,7 +56,9 @@ def test_kill_9_mid_epoch_then_resume_auto_is_bit_identical(reference, tmp_path,
     wait_for(out / 'checkpoints' / 'step-00000012.pt.json', process)  # mid second epoch
     process.kill()
     assert process.wait() == -signal.SIGKILL
-    assert weights(out)['state']['samples_in_epoch'] > 0
+    # step 12's own file: the kill may land while last.pt and its manifest are relinked to a newer step, a pair
+    # that --resume auto passes over (that case is the crash-during-save test's)
+    assert weights(out, 'step-00000012.pt')['state']['samples_in_epoch'] > 0
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet']) == 0
     assert_same_training_state(weights(out), expected)
 
