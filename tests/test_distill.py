@@ -14,7 +14,7 @@ from mnv_train.data import device_batches
 from mnv_train.distill import file_sha256
 from mnv_train.engine import StopFlag, Watch, train_one_epoch
 
-from conftest import ONE_EPOCH, merge, train_tiny, wait_for
+from conftest import ONE_EPOCH, assert_same_training_state, merge, train_tiny, wait_for
 
 
 @pytest.fixture(scope='module')
@@ -86,10 +86,7 @@ def test_kill_9_and_resume_with_a_teacher_is_bit_identical(write_recipe, tmp_pat
     process.kill()
     assert process.wait() == -signal.SIGKILL
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
-    whole, resumed = (checkpoint.load(d / 'checkpoints' / 'last.pt') for d in (tmp_path / 'whole', out))
-    for part in ('model', 'ema'):
-        for key in whole[part]:
-            assert torch.equal(whole[part][key], resumed[part][key]), f'{part}.{key}'
+    assert_same_training_state(*(d / 'checkpoints' / 'last.pt' for d in (tmp_path / 'whole', out)))
 
 
 def test_feature_distillation_trains_a_projection_and_saves_it(write_recipe, tmp_path, teacher):
