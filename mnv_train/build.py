@@ -97,10 +97,13 @@ class Run:
         return None
 
     def restore_input(self, state: Optional[dict]):
-        """Put input_state back; without one (a checkpoint from the host pipeline) DALI starts from its seed."""
+        """Put input_state back. DALI starts from its seed instead where the state is not this rank's at this
+        position: none saved (the host pipeline, or several ranks), or saved elsewhere in the epoch (a resume that
+        changed the world size or rounded the position to a step)."""
         if isinstance(self.train_loader, dali_pipeline.DaliLoader):
-            self.train_loader.load_state_dict(state or {'taken': self.state.samples_seen // self.world.size,
-                                                        'dali': None})
+            taken = self.state.samples_seen // self.world.size
+            usable = state is not None and self.world.size == 1 and state['taken'] == taken
+            self.train_loader.load_state_dict(state if usable else {'taken': taken, 'dali': None})
 
 
 # DDP keyword that stops it from copying rank 0's buffers (BatchNorm statistics) to every rank at each forward:

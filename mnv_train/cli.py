@@ -131,7 +131,7 @@ def suite_after_training(run: Run, paths: dict[str, Path]):
     module = run.module if run.ema is None else run.ema.module
     weights = Weights(copy.deepcopy(run.recipe), 'raw' if run.ema is None else 'ema', module.state_dict(),
                       run.checkpointer.directory / 'last.pt', None)
-    run_suite(weights, apply_setting(weights, None, None), paths, run.world, run.recipe.train.batch_size, 0, None,
+    run_suite(weights, apply_setting(weights, None, None), paths, run.world, run.plan.per_device, 0, None,
               refresh_report=False)  # train_main writes report.md next
 
 

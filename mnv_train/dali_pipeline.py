@@ -189,6 +189,8 @@ class DaliLoader:
             try:
                 images, labels, skipped = (to_torch(out) for out in pipe.run())
             except RuntimeError as e:  # DALI's pipeline cannot go on after a failed decode
+                if 'decode' not in str(e).lower():  # anything else (memory, DALI itself) keeps its traceback
+                    raise
                 raise UserError(f'DALI cannot decode {self.culprit(str(e))}: check the data with python -m '
                                 f'mnv_train.check_data DATA_DIR, or use data.pipeline host') from None
             self.pending.popleft()

@@ -191,7 +191,8 @@ def suite_table(rows: list[dict]) -> list[str]:
 
 
 def suite_sections(run_dir: Path) -> list[str]:
-    """A section per suite result kept beside the run's checkpoints."""
+    """A section per suite result kept beside the run's checkpoints. One that cannot be read is named and left out:
+    the report is written at the end of a finished run, which must not end in an error for it."""
     lines = []
     for path in sorted((run_dir / 'checkpoints').glob(SUITE_PATTERN)):
         try:
@@ -200,7 +201,7 @@ def suite_sections(run_dir: Path) -> list[str]:
                        f'{result["img_size"]} px, crop {result["crop_pct"]:g}')
             lines += ['', heading, '', *suite_table(result['sets'])]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f'{path}: not a readable evaluation suite result ({e})') from None
+            logs.warn(f'{path}: not a readable evaluation suite result ({e}), left out of report.md')
     return lines
 
 

@@ -272,3 +272,28 @@ def test_a_dry_run_times_a_dali_batch_and_previews_it(tmp_path, write_recipe, im
     plots = tmp_path / 'run' / 'plots'  # the preview shows DALI's batch, and its table the recipe's ops
     assert (plots / 'augment_preview.png').stat().st_size > 0
     assert '| TranslateXRel | 9 |' in (plots / 'augment_preview.md').read_text()
+
+
+def test_an_error_other_than_a_failed_decode_keeps_its_traceback(monkeypatch):
+    class FailingPipeline:
+        def run(self):
+            raise RuntimeError('Critical error in pipeline: out of memory')
+    monkeypatch.setattr(dali_pipeline, 'define_pipeline', lambda *args: FailingPipeline())
+    with pytest.raises(RuntimeError, match='out of memory'):  # not reported as a bad image
+        epoch(loader(JpegFiles(8), auto_augment=None), 0)
+
+
+def test_a_saved_dali_state_is_used_only_at_its_own_position_on_one_rank():
+    from types import SimpleNamespace
+
+    from mnv_train.build import Run
+    dali = loader(JpegFiles(8), auto_augment=None)
+    saved = {'taken': 4, 'dali': torch.zeros(3, dtype=torch.uint8)}
+
+    def restore(samples_seen: int, world_size: int):
+        Run.restore_input(SimpleNamespace(train_loader=dali, state=SimpleNamespace(samples_seen=samples_seen),
+                                          world=SimpleNamespace(size=world_size)), saved)
+        return dali.taken, dali.states[dali.taken]
+    assert restore(4, 1) == (4, bytes(3))  # its own position: DALI's generators continue from it
+    assert restore(8, 2) == (4, None)  # another world size: a fresh pipeline seeded from this rank's position
+    assert restore(6, 1) == (6, None)  # the position rounded to a step: the same

@@ -136,3 +136,19 @@ def test_python_dash_m_report_fails_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr == f'error: {tmp_path / "metrics.csv"} not found: not a run folder, or no epoch has ' \
                             f'finished yet\n'
+
+
+def test_an_unreadable_suite_result_is_named_and_left_out_of_the_report(tmp_path, capfd):
+    from mnv_train.report import suite_sections
+    folder = tmp_path / 'checkpoints'
+    folder.mkdir()
+    (folder / 'last.suite-ema-32-1.json').write_text(json.dumps({
+        'checkpoint': str(folder / 'last.pt'), 'weights': 'ema', 'img_size': 32, 'crop_pct': 1.0,
+        'sets': [{'set': 'imagenet', 'images': 10, 'top1': 40.0, 'top5': 80.0}]}))
+    (folder / 'best.suite-raw-32-1.json').write_text('{"checkpoint": ')  # cut short
+    lines = suite_sections(tmp_path)  # the end of a finished run: a warning, not an error
+    assert '## Evaluation suite: last.pt, ema weights, 32 px, crop 1' in lines
+    assert '| imagenet | 10 | 40.00 | 80.00 |  |' in lines
+    assert not any('best.pt' in line for line in lines)
+    warnings = capfd.readouterr().err.splitlines()
+    assert len(warnings) == 1 and 'best.suite-raw-32-1.json: not a readable evaluation suite result' in warnings[0]
