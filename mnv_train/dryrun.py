@@ -13,12 +13,11 @@ from typing import Optional
 
 import torch
 
-from . import dali_pipeline, data
 from .build import Run
 from .diagnostics import duration, ema_full_decay_step, ema_half_life, run_ema_warm_step
 from .engine import forward_backward, optimizer_step
 from .plots import pyplot, save_figure
-from .preview import write_preview
+from .preview import prepared_batch, write_preview
 
 BENCHMARK_TIMED = 3  # micro-batches and optimizer updates timed
 PROBE_SECONDS = 4.0  # longest micro-batch timed before a smaller probe batch is scaled up instead
@@ -134,7 +133,7 @@ def benchmark_lines(run) -> list[str]:
 
 def time_teacher(run, size: int, repeats: int) -> float:
     """Mean seconds of the teacher's forward (renormalised, resized, under the run's autocast) on `size` samples."""
-    images, _, _ = probe_batch(run, size)
+    images, _, _ = prepared_batch(run, size)[0]
     task = run.distillation.task
     with torch.no_grad(), run.autocast():
         start = synchronized_time(run.world.device)
@@ -143,19 +142,9 @@ def time_teacher(run, size: int, repeats: int) -> float:
         return (synchronized_time(run.world.device) - start) / repeats
 
 
-def probe_batch(run, size: int):
-    """`size` training samples prepared as the loader would, in this process, on the device."""
-    if isinstance(run.train_loader, dali_pipeline.DaliLoader):  # whole batches only; a dry run trains nothing after
-        images, labels, skipped = next(iter(run.train_loader))
-        return run.train_input((images[:size], labels[:size], skipped))
-    dataset, seed = run.train_loader.dataset, run.recipe.train.seed
-    samples = [dataset[(index % len(dataset), data.derive_seed(seed, index))] for index in range(size)]
-    return run.train_input(run.train_loader.collate_fn(samples))
-
-
 def time_micro_batches(run, size: int, repeats: int) -> float:
     """Mean seconds of forward + backward (with the recipe's batch augmentation) on `size` samples."""
-    images, targets, _ = probe_batch(run, size)
+    images, targets, _ = prepared_batch(run, size)[0]
     run.model.train()
     start = synchronized_time(run.world.device)
     for _ in range(repeats):

@@ -89,12 +89,7 @@ def draw_mosaic(plt, images: torch.Tensor, captions: list[str], title: str):
 
 def augmented_batch(run: Run, rand_augment: Optional[RandAugment]):
     """PREVIEW_IMAGES training images as NCHW floats in [0, 1] on the CPU, and a caption per image."""
-    if runs_dali(run):  # DALI augments a whole batch in its own graph: the ops each image got are not known
-        images, targets, _ = run.train_input(next(iter(run.train_loader)))
-        images, targets = images[:PREVIEW_IMAGES], targets[:PREVIEW_IMAGES]
-        captions = ['DALI: ops not recorded'] * len(images)
-    else:
-        images, targets, captions = host_batch(run, rand_augment)
+    (images, targets, _), captions = prepared_batch(run, PREVIEW_IMAGES, rand_augment)
     images, targets = run.augment(images, targets, epoch=0)
     if targets.ndim == 2:  # mixed: the image's own label keeps this weight
         captions = [f'{caption}\nlabel weight {weight:.2f}' for caption, weight in zip(captions, targets.max(1)[0])]
@@ -102,22 +97,27 @@ def augmented_batch(run: Run, rand_augment: Optional[RandAugment]):
     return (pixels / 255).clamp(0, 1).cpu(), captions
 
 
-def host_batch(run: Run, rand_augment: Optional[RandAugment]):
-    """The preview's images through the loader's own dataset and collate, each captioned with the ops it got."""
+def prepared_batch(run: Run, size: int, rand_augment: Optional[RandAugment] = None):
+    """`size` training samples prepared as the loader would, in this process, on the device, and a caption per
+    sample naming the RandAugment ops that changed it (with `rand_augment`). DALI augments whole batches in its own
+    graph: at most one batch, the ops not known. The dry run's probes and the preview both take their batch here."""
+    if runs_dali(run):
+        images, labels, skipped = next(iter(run.train_loader))
+        batch = run.train_input((images[:size], labels[:size], skipped))
+        return batch, ['DALI: ops not recorded'] * len(batch[0])
     dataset, seed, log, ops = run.train_loader.dataset, run.recipe.train.seed, [], []
     if rand_augment is not None:
         ops, rand_augment.ops = rand_augment.ops, [_Recorder(op, log) for op in rand_augment.ops]
     samples, captions = [], []
     try:
-        for index in range(PREVIEW_IMAGES):
+        for index in range(size):
             log.clear()
             samples.append(dataset[(index % len(dataset), data.derive_seed(seed, index))])
             captions.append(' + '.join(log) or '-')
     finally:
         if rand_augment is not None:
             rand_augment.ops = ops
-    images, targets, _ = run.train_input(run.train_loader.collate_fn(samples))
-    return images, targets, captions
+    return run.train_input(run.train_loader.collate_fn(samples)), captions
 
 
 def effects_table(rand_augment: Optional[RandAugment], img_size: int, name: str) -> str:
