@@ -196,8 +196,10 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     plan = plan_batch(recipe, world.size, global_batch, per_device_batch)
     ema = create_ema(module, plan, recipe) if recipe.ema.enabled else None
 
+    train_sizes = data.train_sizes(recipe.data.img_size, recipe.schedule.train_size_ramp,
+                                   total_epochs(recipe.schedule))
     train_sampler = data.EpochSampler(len(train_source), world.rank, world.size, train_cfg.seed,
-                                      recipe.aug.aug_repeats, plan.per_device, plan.accum_steps)
+                                      recipe.aug.aug_repeats, plan.per_device, plan.accum_steps, train_sizes)
     steps_per_epoch = train_sampler.steps
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '

@@ -6,8 +6,10 @@ with any number of loader workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
+import math
 import random
 import struct
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from torchvision import transforms
 
 from . import augment, logs
 from .errors import UserError
-from .recipe import AugConfig, DataConfig
+from .recipe import AugConfig, DataConfig, TrainSizeRampConfig
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
@@ -218,16 +220,45 @@ def resolve_normalization(cfg: DataConfig, model) -> Normalization:
     return Normalization(tuple(cfg.mean or model_cfg['mean']), tuple(cfg.std or model_cfg['std']))
 
 
-def train_transform(cfg: DataConfig, aug: AugConfig, norm: Normalization):
-    """PIL -> uint8 CHW tensor; normalising and erasing happen on the device. Google's RandAugment, where the
-    recipe asks for it, runs where timm's would: after the crop and flip."""
+def train_transform(cfg: DataConfig, aug: AugConfig, norm: Normalization, img_size: Optional[int] = None):
+    """PIL -> uint8 CHW tensor at img_size (None: data.img_size); normalising and erasing happen on the device.
+    Google's RandAugment, where the recipe asks for it, runs where timm's would: after the crop and flip.
+
+    Below data.img_size (a progressive-resolution epoch) every augmentation keeps its size relative to the image:
+    timm's RandAugment translates by a share of the image (TranslateXRel, translate_pct), while Google's states
+    translate and cutout in pixels at data.img_size, so those are scaled down with the image."""
+    img_size = img_size or cfg.img_size
     crop_flip, colour, to_tensor = create_transform(
-        cfg.img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment, interpolation=aug.train_interpolation,
         mean=norm.mean, std=norm.std, use_prefetcher=True, separate=True)
-    augment.warn_beyond_timm_range(colour.transforms, cfg.img_size)
-    google = [augment.tf_rand_augment(aug.tf_randaugment, cfg.img_size)] if aug.tf_randaugment is not None else []
+    augment.warn_beyond_timm_range(colour.transforms, img_size)
+    google = []
+    if aug.tf_randaugment is not None:
+        shrink = img_size / cfg.img_size
+        tf_cfg = dataclasses.replace(aug.tf_randaugment, translate_const=aug.tf_randaugment.translate_const * shrink,
+                                     cutout_const=aug.tf_randaugment.cutout_const * shrink)
+        google = [augment.tf_rand_augment(tf_cfg, img_size)]
     return transforms.Compose([*crop_flip.transforms, *colour.transforms, *google, *to_tensor.transforms])
+
+
+def epoch_train_size(epoch: int, img_size: int, ramp: Optional[TrainSizeRampConfig]) -> int:
+    """The train size of `epoch` (0-based): FFCV's ramp (start_size until start_epoch, linear to img_size at
+    end_epoch), rounded half up to the step. FFCV rounds to 32 px; below 64 px that would leave no size between
+    start and end, so 8 there."""
+    if ramp is None or epoch >= ramp.end_epoch:
+        return img_size
+    if epoch <= ramp.start_epoch:
+        return ramp.start_size
+    exact = ramp.start_size + (img_size - ramp.start_size) * (epoch - ramp.start_epoch) / (
+        ramp.end_epoch - ramp.start_epoch)
+    step = ramp.step or (8 if exact < 64 else 32)
+    return min(img_size, max(ramp.start_size, math.floor(exact / step + 0.5) * step))
+
+
+def train_sizes(img_size: int, ramp: Optional[TrainSizeRampConfig], epochs: int) -> Optional[list[int]]:
+    """Every epoch's train size, or None without a ramp (every epoch at img_size)."""
+    return None if ramp is None else [epoch_train_size(epoch, img_size, ramp) for epoch in range(epochs)]
 
 
 def eval_transform(img_size: int, crop_pct: float, interpolation: str, norm: Normalization):
@@ -256,28 +287,34 @@ def replacing_unreadable(source, index: int, make):
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """(index, seed) items from the sampler -> (uint8 image, label, unreadable samples skipped for it).
+    """(index, seed) or (index, seed, size) items from the sampler -> (uint8 image, label, unreadable samples
+    skipped for it).
 
     Every RNG a transform may touch is seeded from the item's seed first, so the result depends on nothing else.
+    An item with a size (progressive resolution) takes sized[size]: the size travels with the item because the
+    loader's persistent workers hold copies of this dataset made at the first epoch, which a change here at an
+    epoch start would not reach.
     """
 
-    def __init__(self, source, transform):
-        self.source, self.transform = source, transform
+    def __init__(self, source, transform, sized: Optional[dict] = None):
+        self.source, self.transform, self.sized = source, transform, sized or {}
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, item):
-        index, seed = item
-        (image, label), skipped = replacing_unreadable(self.source, index, lambda i: self.transformed(i, seed))
+        index, seed, *size = item
+        transform = self.sized[size[0]] if size else self.transform
+        (image, label), skipped = replacing_unreadable(self.source, index,
+                                                       lambda i: self.transformed(i, seed, transform))
         return image, label, skipped
 
-    def transformed(self, index: int, seed):
+    def transformed(self, index: int, seed, transform):
         image, label = self.source.load(index)
         if seed is not None:
             seed_everything(seed)
         try:
-            return self.transform(image), label
+            return transform(image), label
         except (OSError, ValueError) as e:
             raise UserError(f'cannot transform image {self.source.describe(index)}: {e}') from None
 
@@ -291,7 +328,8 @@ def collate(samples) -> tuple[torch.Tensor, torch.Tensor, int]:
 # ---------------------------------------------------------------------------------------------- samplers
 
 class EpochSampler(Sampler):
-    """This rank's share of an epoch as (index, sample_seed), starting at any optimizer step.
+    """This rank's share of an epoch as (index, sample_seed), or (index, sample_seed, the epoch's train size) with
+    progressive resolution, starting at any optimizer step.
 
     The epoch is one order of the dataset for the whole job, cut into optimizer steps of world_size * accum *
     micro_batch samples; each step's slice is dealt round-robin into world_size * accum micro-batches, and this
@@ -302,8 +340,9 @@ class EpochSampler(Sampler):
     """
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int, repeats: int = 0, micro_batch: int = 1,
-                 accum: int = 1):
+                 accum: int = 1, sizes: Optional[list[int]] = None):
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.sizes = sizes  # each epoch's train size (progressive resolution), sent with every item; None: none
         self.micro_batch, self.accum = micro_batch, accum
         # one rank of one: the job's order, whatever the world size; the ranks then take their micro-batches
         self.order = (RepeatAugSampler(range(size), num_replicas=1, rank=0, num_repeats=repeats) if repeats
@@ -336,11 +375,12 @@ class EpochSampler(Sampler):
         self.order.set_epoch(self.epoch if isinstance(self.order, DistributedSampler)
                              else derive_seed(self.seed, self.epoch) % 2**62)
         indices, micro_batches = list(self.order), self.world_size * self.accum
+        size = () if self.sizes is None else (self.sizes[min(self.epoch, len(self.sizes) - 1)],)
         for step in range(self.start_step, self.steps):
             for micro_step in range(self.accum):
                 first = step * self.step_size + self.micro_batch_index(micro_step)
                 for place in range(first, first + micro_batches * self.micro_batch, micro_batches):
-                    yield indices[place], derive_seed(self.seed, self.epoch, place)
+                    yield indices[place], derive_seed(self.seed, self.epoch, place), *size
 
 
 class ShardSampler(Sampler):
@@ -357,7 +397,7 @@ class ShardSampler(Sampler):
 
 
 def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool, pin_memory: bool,
-                collate_fn=collate):
+                collate_fn=collate, persistent_workers: bool = True):
     # torch's SIGCHLD handler raises a dead worker's error in whatever the main thread is doing, possibly halfway
     # through an optimizer step; without it, the loader reports the death from the next batch fetch (within its
     # 5 s status check), where the run's state is whole and can be saved
@@ -367,7 +407,8 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: 
     # different. Samples are seeded one by one, so nothing depends on that base seed.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn, pin_memory=pin_memory, drop_last=drop_last, generator=torch.Generator(),
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=persistent_workers and num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
 
 
 # ---------------------------------------------------------------------------------------------- device side

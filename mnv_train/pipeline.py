@@ -66,7 +66,8 @@ def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: dat
         collate = device_decode.collate
         device_input = device_decode.DeviceDecode(norm, world.device, channels_last, recipe.data.img_size)
     else:
-        dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm))
+        sized = {size: data.train_transform(recipe.data, recipe.aug, norm, size) for size in set(sampler.sizes or ())}
+        dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm), sized)
         collate, device_input = data.collate, data.DeviceNormalize(norm, world.device, channels_last)
     loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
                               pin_memory=world.device.type == 'cuda', collate_fn=collate)

@@ -142,6 +142,17 @@ class OptimConfig:
 
 
 @dataclass
+class TrainSizeRampConfig:
+    """Progressive resolution, as FFCV trains ResNet-50: start_size up to start_epoch, then a linear ramp to
+    data.img_size at end_epoch, each size rounded to `step`. The size is a function of the epoch alone (see
+    data.epoch_train_size), so exact resume and the world-size invariance hold; evaluation keeps its sizes."""
+    start_size: int = _f(160, ge=8)  # px, the train size up to start_epoch
+    start_epoch: int = _f(0, ge=0)  # epochs (0-based) at start_size before the ramp begins
+    end_epoch: int = _f(1, ge=1)  # the first epoch (0-based) at data.img_size
+    step: Optional[int] = _f(None, ge=1)  # px the ramp's sizes are rounded to; None: 32, or 8 below 64 px (FFCV: 32)
+
+
+@dataclass
 class ScheduleConfig:
     epochs: int = _f(10, ge=1)
     sched: str = 'cosine'
@@ -149,6 +160,7 @@ class ScheduleConfig:
     warmup_lr: float = _f(0.0, ge=0)
     min_lr: float = _f(0.0, ge=0)
     cooldown_epochs: int = _f(0, ge=0)
+    train_size_ramp: Optional[TrainSizeRampConfig] = None  # progressive resolution; None: every epoch at img_size
 
 
 @dataclass
@@ -375,9 +387,26 @@ def _check_consistency(recipe: Recipe):
     if recipe.aug.auto_augment and recipe.aug.tf_randaugment is not None:
         raise UserError('aug.auto_augment and aug.tf_randaugment both set: choose timm\'s or Google\'s RandAugment '
                         '(set the other to null)')
+    _check_train_size_ramp(recipe)
     if recipe.schedule.warmup_epochs >= recipe.schedule.epochs:
         raise UserError(f'schedule.warmup_epochs ({recipe.schedule.warmup_epochs}) must be below '
                         f'schedule.epochs ({recipe.schedule.epochs})')
+
+
+def _check_train_size_ramp(recipe: Recipe):
+    ramp, img_size = recipe.schedule.train_size_ramp, recipe.data.img_size
+    if ramp is None:
+        return
+    epochs = recipe.schedule.epochs + recipe.schedule.cooldown_epochs
+    if ramp.start_size >= img_size:
+        raise UserError(f'schedule.train_size_ramp.start_size ({ramp.start_size}) must be below data.img_size '
+                        f'({img_size}): the ramp ends at data.img_size')
+    if not ramp.start_epoch < ramp.end_epoch <= epochs:
+        raise UserError(f'schedule.train_size_ramp: expected start_epoch ({ramp.start_epoch}) < end_epoch '
+                        f'({ramp.end_epoch}) <= the run\'s {epochs} epochs')
+    if recipe.data.pipeline == 'dali' or recipe.data.decode == 'device':
+        raise UserError('schedule.train_size_ramp runs with data.pipeline host and data.decode host only: set '
+                        'train_size_ramp null or use the host pipeline')
 
 
 def from_dict(data: dict) -> Recipe:

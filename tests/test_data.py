@@ -8,7 +8,7 @@ from timm.data import create_transform
 
 from mnv_train import augment, data
 from mnv_train.errors import UserError
-from mnv_train.recipe import AugConfig, DataConfig
+from mnv_train.recipe import AugConfig, DataConfig, TFRandAugmentConfig, TrainSizeRampConfig
 
 
 def test_posterize_to_zero_bits_gives_black_instead_of_raising():
@@ -96,6 +96,34 @@ def test_transform_depends_only_on_the_sample_seed():
     assert first.dtype == torch.uint8 and first.shape == (3, 32, 32) and label == 1
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_the_ramped_train_size_rounds_to_32_px_or_to_8_below_64_px_as_a_function_of_the_epoch():
+    # FFCV's ResNet-50 ramp, then the same shape below 64 px; an explicit step overrides the rule
+    assert data.train_sizes(192, TrainSizeRampConfig(start_size=160, start_epoch=2, end_epoch=6), 8) == [
+        160, 160, 160, 160, 192, 192, 192, 192]  # 168 and 176 round to 160 and 192 (half up), 184 to 192
+    assert data.train_sizes(64, TrainSizeRampConfig(start_size=32, end_epoch=8), 10) == [
+        32, 40, 40, 48, 48, 56, 56, 64, 64, 64]  # 36, 44, 52 and 60 round half up
+    assert data.train_sizes(64, TrainSizeRampConfig(start_size=16, end_epoch=3, step=16), 4) == [16, 32, 48, 64]
+    assert data.train_sizes(64, None, 3) is None
+
+
+def test_each_epochs_batches_come_at_that_epochs_size_from_persistent_workers():
+    cfg = DataConfig(dataset='synthetic', img_size=32)
+    aug = AugConfig(scale=[0.5, 1.0], tf_randaugment=TFRandAugmentConfig(translate_const=12, cutout_const=12))
+    norm = data.Normalization((0.5,) * 3, (0.5,) * 3)
+    sizes = data.train_sizes(32, TrainSizeRampConfig(start_size=16, end_epoch=2), 3)
+    sampler = data.EpochSampler(8, rank=0, world_size=1, seed=0, micro_batch=4, sizes=sizes)
+    dataset = data.TransformedDataset(data.SyntheticImages(8, 4, 32, seed=0, training=True),
+                                      data.train_transform(cfg, aug, norm),
+                                      {size: data.train_transform(cfg, aug, norm, size) for size in set(sizes)})
+    loader = data.make_loader(dataset, sampler, 4, num_workers=1, drop_last=True, pin_memory=False)
+    shapes = []
+    for epoch in range(3):
+        sampler.set_position(epoch)
+        shapes.append({tuple(images.shape[2:]) for images, _, _ in loader})
+    assert loader.persistent_workers and sizes == [16, 24, 32]
+    assert shapes == [{(16, 16)}, {(24, 24)}, {(32, 32)}]
 
 
 def test_unreadable_image_in_a_folder_dataset_is_named(tmp_path):

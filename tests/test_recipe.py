@@ -27,6 +27,11 @@ def test_unknown_section_is_named():
     ({'optim': {'betas': [0.9]}}, r'optim.betas: expected two numbers'),
     ({'schedule': {'epochs': 5, 'warmup_epochs': 5}}, r'warmup_epochs \(5.0\) must be below'),
     ({'data': {'extra_evals': [[448]]}}, r'data.extra_evals: expected \[img_size, crop_pct\] pairs'),
+    ({'schedule': {'train_size_ramp': {'start_size': 32, 'end_epoch': 1}}}, r'start_size \(32\) must be below '
+     r'data.img_size \(32\)'),
+    ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 3}}}, r'end_epoch \(3\) <= the run\'s 2'),
+    ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 1}}, 'data': {'decode': 'device'}},
+     r'train_size_ramp runs with data.pipeline host and data.decode host only'),
 ])
 def test_wrong_type_or_range_names_the_key_path(change, message):
     with pytest.raises(UserError, match=message):

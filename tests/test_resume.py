@@ -226,3 +226,15 @@ def test_a_lamb_run_resumes_bit_exactly(write_recipe, tmp_path):
     assert {'trust_clip', 'always_adapt', 'grad_averaging', 'max_grad_norm'} <= group.keys(), group.keys()
     assert group['step'] == 8 and set(moments) == {'exp_avg', 'exp_avg_sq'} and whole['state']['step'] == 8
     assert_same_training_state(sliced, whole)
+
+
+def test_a_run_resumed_mid_ramp_matches_the_uninterrupted_one(write_recipe, tmp_path):
+    recipe = write_recipe({'schedule': {'epochs': 3, 'train_size_ramp': {'start_size': 16, 'end_epoch': 2}},
+                           'aug': {'auto_augment': 'rand-m9-mstd0.5-inc1'}}, name='ramp')  # 16, 24, 32 px
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'whole'), '--quiet']) == 0
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'sliced'), '--quiet',
+                       '--max-steps', '6']) == 0  # mid epoch 2 of 3, at 24 px
+    assert weights(tmp_path / 'sliced')['state']['samples_in_epoch'] > 0
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'sliced'), '--quiet',
+                       '--resume', 'auto']) == 0
+    assert_same_training_state(weights(tmp_path / 'sliced'), weights(tmp_path / 'whole'))
