@@ -144,10 +144,17 @@ def use_sync_bn(wanted: bool, world: World) -> bool:
     return wanted and world.distributed and world.device.type == 'cuda'
 
 
-def compile_telling_time(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+def compile_telling_time(model: torch.nn.Module, mode: str, input_sizes: int = 1) -> torch.nn.Module:
     """torch.compile(model, mode). Compiling happens in the first forward and can take minutes on a large model:
-    that forward's time is printed once, so start-up is not held up silently."""
-    compiled = torch.compile(model, mode=mode)
+    that forward's time is printed once, so start-up is not held up silently.
+
+    With several input sizes (progressive resolution) each size gets its own graph compiled for its static shapes
+    (dynamic=False): by default the second size would be recompiled with dynamic shapes, slower kernels for every
+    size after it. Dynamo's recompile limit (8 graphs a frame) is raised to fit them all."""
+    if input_sizes > 1:
+        limit = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), input_sizes))
+    compiled = torch.compile(model, mode=mode, dynamic=False if input_sizes > 1 else None)
     started = []
 
     def before(module, args):
@@ -223,7 +230,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
         model = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == 'cuda' else None,
                                         **({} if train_cfg.dist_bn == 'broadcast' else BUFFERS_PER_RANK))
     if train_cfg.compile:  # the DDP-wrapped model, as torch documents: the graph breaks at DDP's buckets, so that
-        model = compile_telling_time(model, train_cfg.compile_mode)  # each bucket's all-reduce overlaps the backward
+        model = compile_telling_time(model, train_cfg.compile_mode,  # each bucket's all-reduce overlaps the backward
+                                     len(set(train_sizes or [recipe.data.img_size])))
     if distillation:
         distillation.task.trainable_module = model
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from mnv_train import bench, preresize
+from mnv_train.build import compile_telling_time
 
 from conftest import ONE_EPOCH, train_tiny
 
@@ -83,3 +84,22 @@ def test_preresize_shrinks_the_shorter_side_and_keeps_the_tree(tmp_path, capsys)
     assert preresize.main([str(source), str(target), '--shorter-side', '100', '--workers', '1']) == 1
     assert '0 written, 1 unreadable' in capsys.readouterr().out  # done files are skipped
     assert preresize.main([str(source), str(source), '--shorter-side', '100']) == 2
+
+
+def test_a_three_size_ramp_compiles_one_static_graph_per_size(monkeypatch):
+    """A counting backend stands in for inductor (minutes on this CPU); the model is a few layers."""
+    graphs, compile_ = [], torch.compile
+
+    def counting(graph, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph.forward
+
+    monkeypatch.setattr(torch, 'compile', lambda model, mode, **kwargs: compile_(model, backend=counting, **kwargs))
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+    compiled = compile_telling_time(model, 'default', input_sizes=3)
+    for size in (16, 24, 32, 16, 32):
+        compiled(torch.randn(2, 3, size, size))
+    torch._dynamo.reset()
+    assert len(graphs) == 3 and all(isinstance(d, int) for shapes in graphs for shape in shapes for d in shape)
+    assert sorted(shape[-1] for shapes in graphs for shape in shapes if shape[:2] == (2, 3)) == [16, 24, 32]
