@@ -105,7 +105,7 @@ def finish_epoch(run: Run, watch: Watch):
     state, epoch = run.state, run.state.epoch
     row = epoch_row(run)
     if evaluation.due(epoch, run.epochs, run.recipe.train.eval_every):
-        row.update(evaluation.evaluate_run(run))
+        row.update(evaluation.evaluate_run(run, epoch))
     state.epoch, state.samples_in_epoch, state.skipped_in_epoch, state.skipped_steps_in_epoch = epoch + 1, 0, 0, 0
     score = max(row.get('top1', -1), row.get('ema_top1', -1))
     improved = 'top1' in row and (state.best_top1 is None or score > state.best_top1)

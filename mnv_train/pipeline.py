@@ -35,7 +35,7 @@ def eval_loader(cfg: DataConfig, source, img_size: int, crop_pct: float, norm: d
     dataset = data.TransformedDataset(source, data.eval_transform(img_size, crop_pct, cfg.interpolation, norm))
     sampler = data.ShardSampler(len(source), world.rank, world.size)
     return data.make_loader(dataset, sampler, batch_size, cfg.num_workers, drop_last=False,
-                            pin_memory=world.device.type == 'cuda')
+                            pin_memory=world.device.type == 'cuda', persistent_workers=cfg.eval_persistent_workers)
 
 
 def fit_check_set(recipe: Recipe, train_source, norm: data.Normalization, world: World,
@@ -48,7 +48,8 @@ def fit_check_set(recipe: Recipe, train_source, norm: data.Normalization, world:
     size = cfg.eval_img_size or cfg.img_size
     dataset = data.TransformedDataset(train_source, data.eval_transform(size, cfg.crop_pct, cfg.interpolation, norm))
     loader = data.make_loader(dataset, data.ShardSampler(count, world.rank, world.size, indices), batch_size,
-                              cfg.num_workers, drop_last=False, pin_memory=world.device.type == 'cuda')
+                              cfg.num_workers, drop_last=False, pin_memory=world.device.type == 'cuda',
+                              persistent_workers=cfg.eval_persistent_workers)
     return EvalSet('train', size, cfg.crop_pct, loader)
 
 

@@ -76,6 +76,9 @@ class DataConfig:
     mean: Optional[list] = None  # None: the model's pretrained config
     std: Optional[list] = None
     num_workers: int = _f(2, ge=0)
+    # evaluation loaders keep their workers alive between evaluations only if true: num_workers idle processes per
+    # eval set and rank for the whole run, against a worker start-up per evaluation
+    eval_persistent_workers: bool = False
     max_bad_fraction: float = _f(0.001, ge=0, le=1)  # unreadable training images an epoch may skip, as a share
     decode: Literal['host', 'device'] = 'host'  # device: JPEG decode + crop + flip on the training device
     pipeline: Literal['host', 'dali'] = 'host'  # dali: NVIDIA DALI decodes and augments (pip install -e '.[dali]')
@@ -220,6 +223,8 @@ class TrainConfig:
     # cuBLAS included, so a GPU run resumes bit-identically, at a cost in speed; false = cuDNN autotuning (fast)
     deterministic: bool = False
     eval_every: int = _f(1, ge=1)  # epochs
+    extra_eval_every: int = _f(1, ge=1)  # epochs between evaluations of data.extra_evals; the last one always
+    fit_check_every: int = _f(1, ge=1)  # epochs between fit checks (train.fit_check_images); the last one always
     log_every: int = _f(50, ge=1)  # optimizer steps
     keep_checkpoints: int = _f(2, ge=1)  # step checkpoints kept besides last and best
     keep_best_checkpoints: int = _f(0, ge=0)  # also keep the k best-evaluated ones (python -m mnv_train.average)
