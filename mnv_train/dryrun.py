@@ -2,7 +2,7 @@
 
 The resolved recipe and batch plan, the LR at every 10 % of the schedule, the EMA's horizon and effective
 decay, a preview of the augmented training images (preview.py), and the time an optimizer step will take, from a
-few timed micro-batches.
+few timed micro-batches: at each train size of a progressive-resolution ramp, and for evaluation's forwards.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from . import evaluation
 from .build import Run
 from .diagnostics import duration, ema_full_decay_step, ema_half_life, run_ema_warm_step
 from .engine import forward_backward, optimizer_step
@@ -117,6 +118,10 @@ def benchmark_lines(run) -> list[str]:
     micro = time_micro_batches(run, probe, repeats=BENCHMARK_TIMED) * plan.per_device / probe
     update = time_optimizer_updates(run, repeats=BENCHMARK_TIMED)
     step = plan.accum_steps * micro + update
+    sizes = run.train_sampler.sizes or [run.recipe.data.img_size] * run.epochs
+    step_at = {size: step if size == run.recipe.data.img_size else step_seconds(run, probe, size, update)
+               for size in sorted(set(sizes))}
+    training = sum(step_at[size] for size in sizes) * run.steps_per_epoch
     how = (f'{BENCHMARK_TIMED} micro-batches of {probe} timed and scaled to the per-device {plan.per_device}'
            if probe < plan.per_device else f'mean of {BENCHMARK_TIMED} micro-batches of {plan.per_device}')
     lines = ['speed',
@@ -125,10 +130,56 @@ def benchmark_lines(run) -> list[str]:
         teacher = time_teacher(run, probe, repeats=BENCHMARK_TIMED) * plan.per_device / probe
         lines.append(f'  of which the teacher\'s forward {teacher:.3g} s, {100 * teacher / micro:.0f} % of the '
                      f'micro-batch')
-    return lines + [f'  {step:.3g} s per optimizer step ({plan.accum_steps} micro-batches + update), '
-                    f'{plan.global_batch / step:.0f} img/s over {plan.world_size} process(es), model compute only',
-                    f'  estimated training time {duration(step * run.total_steps)} for {run.total_steps} steps '
-                    f'(evaluation and input waits not included)']
+    lines += [f'  {step:.3g} s per optimizer step ({plan.accum_steps} micro-batches + update), '
+              f'{plan.global_batch / step:.0f} img/s over {plan.world_size} process(es), model compute only',
+              f'  estimated training time {duration(training)} for {run.total_steps} steps '
+              f'(evaluation and input waits not included)']
+    if run.train_sampler.sizes is not None:
+        lines += ramp_lines(sizes, step_at, run.steps_per_epoch, plan.global_batch, step)
+    return lines + evaluation_lines(run, probe, training)
+
+
+def step_seconds(run, probe: int, img_size: int, update: float) -> float:
+    """An optimizer step's seconds at img_size, from micro-batches of `probe` samples timed after an untimed one (the
+    first call at a shape sets up kernels), plus `update` seconds for the optimizer update."""
+    time_micro_batches(run, probe, 1, img_size)
+    micro = time_micro_batches(run, probe, BENCHMARK_TIMED, img_size) * run.plan.per_device / probe
+    return run.plan.accum_steps * micro + update
+
+
+def ramp_lines(sizes: list[int], step_at: dict, steps_per_epoch: int, global_batch: int,
+               full_size_step: float) -> list[str]:
+    """Each phase of the progressive-resolution ramp: its size, share of the epochs, estimated img/s and time, and
+    the time saved against every epoch at the full size (whose step takes full_size_step seconds)."""
+    lines = ['  progressive resolution (schedule.train_size_ramp):',
+             f'  {"size":>6} {"epochs":>7} {"share":>6} {"img/s":>8} {"time":>10}']
+    for size in sorted(step_at):
+        epochs = sizes.count(size)
+        lines.append(f'  {size:>6} {epochs:>7} {100 * epochs / len(sizes):>5.0f}% {global_batch / step_at[size]:>8.0f} '
+                     f'{duration(epochs * steps_per_epoch * step_at[size]):>10}')
+    ramped, constant = sum(step_at[size] for size in sizes), full_size_step * len(sizes)
+    lines.append(f'  against every epoch at {max(sizes)} px ({duration(constant * steps_per_epoch)}): '
+                 f'{duration((constant - ramped) * steps_per_epoch)} saved, {100 * (1 - ramped / constant):.0f} % of '
+                 f'the training time')
+    return lines
+
+
+def evaluation_lines(run, probe: int, training: float) -> list[str]:
+    """What the run's evaluations cost: forwards of this rank's share of every eval set (raw and EMA weights) and of
+    the fit check (raw), as often as train.eval_every, extra_eval_every and fit_check_every make them due."""
+    train, epochs = run.recipe.train, run.epochs
+    evaluated = [e for e in range(epochs) if evaluation.due(e, epochs, train.eval_every)]
+    weights = 2 if run.ema is not None else 1
+    passes = [(eval_set, weights * sum(evaluation.due(e, epochs, train.extra_eval_every) or not eval_set.name
+                                       for e in evaluated)) for eval_set in run.evals]
+    if run.fit_check is not None:
+        passes.append((run.fit_check, sum(evaluation.due(e, epochs, train.fit_check_every) for e in evaluated)))
+    seconds = sum(count * len(eval_set.loader.sampler) * time_forward(run, probe, eval_set.img_size) / probe
+                  for eval_set, count in passes)
+    return [f'  evaluation: about {duration(seconds)}, {100 * seconds / (seconds + training):.1f} % of the run\'s '
+            f'estimated time ({len(evaluated)} evaluations; ' + ', '.join(
+                f'{"fit check" if eval_set is run.fit_check else f"{eval_set.img_size} px"} x {count}'
+                for eval_set, count in passes) + ' passes)']
 
 
 def time_teacher(run, size: int, repeats: int) -> float:
@@ -142,9 +193,31 @@ def time_teacher(run, size: int, repeats: int) -> float:
         return (synchronized_time(run.world.device) - start) / repeats
 
 
-def time_micro_batches(run, size: int, repeats: int) -> float:
-    """Mean seconds of forward + backward (with the recipe's batch augmentation) on `size` samples."""
+def probe_images(run, size: int, img_size: Optional[int] = None):
+    """(images, targets) of `size` prepared training samples, resized to img_size where given: the model's cost
+    depends on the shape alone."""
     images, targets, _ = prepared_batch(run, size)[0]
+    if img_size is not None and img_size != images.shape[-1]:
+        images = torch.nn.functional.interpolate(images, size=(img_size, img_size), mode='bilinear')
+    return images, targets
+
+
+def time_forward(run, size: int, img_size: int) -> float:
+    """Mean seconds of an evaluation forward (no gradients, the run's autocast) on `size` samples at img_size."""
+    images, _ = probe_images(run, size, img_size)
+    run.module.eval()
+    with torch.no_grad(), run.autocast():
+        run.module(images)  # first-call set-up at this shape
+        start = synchronized_time(run.world.device)
+        for _ in range(BENCHMARK_TIMED):
+            run.module(images)
+        return (synchronized_time(run.world.device) - start) / BENCHMARK_TIMED
+
+
+def time_micro_batches(run, size: int, repeats: int, img_size: Optional[int] = None) -> float:
+    """Mean seconds of forward + backward (with the recipe's batch augmentation) on `size` samples, at img_size
+    (None: as prepared)."""
+    images, targets = probe_images(run, size, img_size)
     run.model.train()
     start = synchronized_time(run.world.device)
     for _ in range(repeats):

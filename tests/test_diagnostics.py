@@ -58,6 +58,19 @@ def test_dry_run_reports_the_schedule_ema_and_speed_and_plots_the_lr(write_recip
     assert not (out / 'checkpoints').exists()
 
 
+def test_dry_run_times_each_ramp_size_and_evaluations_share(write_recipe, tmp_path, capsys):
+    recipe = write_recipe({'schedule': {'epochs': 3, 'train_size_ramp': {'start_size': 16, 'end_epoch': 2}},
+                           'data': {'extra_evals': [[24, 1.0]]}, 'train': {'extra_eval_every': 2}})
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
+    text = capsys.readouterr().out
+    rows = re.findall(r'^ +(16|24|32) +1 +33% +(\d+) +\S+ s$', text, re.M)  # 16, 24, 32 px: an epoch each
+    assert [size for size, _ in rows] == ['16', '24', '32'] and all(int(rate) > 0 for _, rate in rows), text
+    assert re.search(r'against every epoch at 32 px \(.+\): .+ saved, -?\d+ % of the training time', text)
+    # 3 evaluations of raw and EMA weights at 32 px; 24 px after epoch 2 and the last; the fit check every time
+    assert re.search(r'evaluation: about .+, \d+\.\d % of the run\'s estimated time \(3 evaluations; 32 px x 6, '
+                     r'24 px x 4, fit check x 3 passes\)', text), text
+
+
 def test_dry_run_times_a_probe_batch_and_scales_it_when_a_micro_batch_is_slow(write_recipe, tmp_path, capsys,
                                                                              monkeypatch):
     monkeypatch.setattr(dryrun, 'PROBE_SECONDS', 0.0)  # as if one sample took longer than the budget
