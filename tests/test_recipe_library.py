@@ -262,6 +262,17 @@ def test_fashion_mnist_recipes_claim_what_the_readme_measured_and_change_only_wh
     assert tune.optim.lr < quick.optim.lr and tune.schedule.epochs < quick.schedule.epochs
 
 
+def test_speed_variants_change_only_the_train_size_ramp_and_the_fit_check_and_claim_no_result():
+    ramp = {f'schedule.train_size_ramp.{key}' for key in ('start_size', 'start_epoch', 'end_epoch')}
+    assert set(departures('fmnist_mnv4_conv_small_fast', 'fmnist_mnv4_conv_small')) - LABELS == ramp | {
+        'train.fit_check_every', 'provenance.expected_top1'}
+    assert set(departures('mnv4_hybrid_large_prog', 'mnv4_hybrid_large')) - LABELS == ramp | {
+        'provenance.expected_top1', 'provenance.expected_top1_eval'}
+    for name in ('fmnist_mnv4_conv_small_fast', 'mnv4_hybrid_large_prog'):
+        provenance = recipes.load(name).provenance
+        assert provenance.expected_top1 is None and '[INFERRED]' in provenance.source, name
+
+
 @pytest.mark.parametrize('name', ALL)
 def test_every_recipe_states_whether_the_ema_warms_up(name):
     assert 'warmup' in recipes.load_raw(name).get('ema', {}), f'{name} leaves ema.warmup to the default'
@@ -269,11 +280,12 @@ def test_every_recipe_states_whether_the_ema_warms_up(name):
 
 @pytest.mark.parametrize('name', ALL)
 def test_every_recipe_builds_and_trains_one_step_on_cpu(name, tmp_path):
+    ramp = ['schedule.train_size_ramp.start_size=32'] if recipes.load(name).schedule.train_size_ramp else []
     recipe = recipes.load(name, ['data.dataset=synthetic', 'data.img_size=64', 'data.synthetic_train_size=8',
                                  'data.synthetic_val_size=4', 'data.num_workers=0', 'train.global_batch_size=4',
                                  'train.batch_size=4', 'data.extra_evals=[]',
                                  'model.pretrained_path=null',  # fine-tuning recipes: tests/test_finetune.py
-                                 "distill.teacher=''"])  # distillation recipes: tests/test_distill.py
+                                 "distill.teacher=''", *ramp])  # distillation recipes: tests/test_distill.py
     run = build_run(recipe, World(), tmp_path)
     assert run.steps_per_epoch == 2  # the first step runs at warmup_lr 0
     before = [p.detach().clone() for p in run.module.parameters()]
