@@ -166,14 +166,13 @@ def ramp_lines(sizes: list[int], step_at: dict, steps_per_epoch: int, global_bat
 
 def evaluation_lines(run, probe: int, training: float) -> list[str]:
     """What the run's evaluations cost: forwards of this rank's share of every eval set (raw and EMA weights) and of
-    the fit check (raw), as often as train.eval_every, extra_eval_every and fit_check_every make them due."""
-    train, epochs = run.recipe.train, run.epochs
-    evaluated = [e for e in range(epochs) if evaluation.due(e, epochs, train.eval_every)]
-    weights = 2 if run.ema is not None else 1
-    passes = [(eval_set, weights * sum(evaluation.due(e, epochs, train.extra_eval_every) or not eval_set.name
-                                       for e in evaluated)) for eval_set in run.evals]
-    if run.fit_check is not None:
-        passes.append((run.fit_check, sum(evaluation.due(e, epochs, train.fit_check_every) for e in evaluated)))
+    the fit check (raw), at the epochs train.eval_every and evaluation.sets_due choose."""
+    epochs, weights = run.epochs, 2 if run.ema is not None else 1
+    evaluated = [evaluation.sets_due(run, e) for e in range(epochs)
+                 if evaluation.due(e, epochs, run.recipe.train.eval_every)]
+    passes = [(eval_set, (1 if eval_set is run.fit_check else weights) *
+               sum(any(due is eval_set for due in sets) for sets in evaluated))
+              for eval_set in [*run.evals, *([run.fit_check] if run.fit_check is not None else [])]]
     seconds = sum(count * len(eval_set.loader.sampler) * time_forward(run, probe, eval_set.img_size) / probe
                   for eval_set, count in passes)
     return [f'  evaluation: about {duration(seconds)}, {100 * seconds / (seconds + training):.1f} % of the run\'s '

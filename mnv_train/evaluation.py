@@ -61,25 +61,32 @@ def due(epoch: int, epochs: int, every: int) -> bool:
     return (epoch + 1) % every == 0 or epoch + 1 == epochs
 
 
-def evaluate_run(run, epoch: int) -> dict:
-    """Raw and EMA weights on the eval sets due after `epoch`: {'top1': .., 'ema_top1': .., 'top1@448': ..}. The
-    recipe's eval size every time; data.extra_evals every train.extra_eval_every epochs and the fit check every
-    train.fit_check_every epochs (both always after the last): a 448 px pass costs more than the 384 px one."""
+def sets_due(run, epoch: int) -> list[EvalSet]:
+    """The sets evaluated after `epoch`: the recipe's eval size every time; data.extra_evals every
+    train.extra_eval_every epochs and the fit check (run.fit_check) every train.fit_check_every epochs, both always
+    after the last. A 448 px pass costs more than the 384 px one, and its curve is not needed every epoch."""
     train = run.recipe.train
-    if train.precise_bn_batches:
+    sets = [s for s in run.evals if not s.name or due(epoch, run.epochs, train.extra_eval_every)]
+    if run.fit_check is not None and due(epoch, run.epochs, train.fit_check_every):
+        sets.append(run.fit_check)
+    return sets
+
+
+def evaluate_run(run, epoch: int) -> dict:
+    """Raw and EMA weights on the sets due after `epoch`: {'top1': .., 'ema_top1': .., 'top1@448': ..}."""
+    if run.recipe.train.precise_bn_batches:
         precise_bn.recalibrate_run(run)
     metrics = {}
     weights = [('', run.module)] + ([('ema_', run.ema.module)] if run.ema is not None else [])
-    extra_due = due(epoch, run.epochs, train.extra_eval_every)
-    for eval_set in (s for s in run.evals if extra_due or not s.name):
+    for eval_set in sets_due(run, epoch):
+        if eval_set is run.fit_check:  # the raw weights on training images, prepared as the validation ones
+            metrics['train_top1'] = evaluate(run.module, eval_set.loader, run.normalize, run.world,
+                                             run.recipe.train.amp)['top1']
+            continue
         for prefix, model in weights:
             result = evaluate(model, eval_set.loader, run.normalize, run.world, run.recipe.train.amp)
             for key in ('top1', 'top5', 'loss'):
                 metrics[f'{prefix}{key}{eval_set.name}'] = result[key]
-    if run.fit_check is not None and due(epoch, run.epochs, train.fit_check_every):
-        # the raw weights on training images, prepared as the validation ones
-        metrics['train_top1'] = evaluate(run.module, run.fit_check.loader, run.normalize, run.world,
-                                         run.recipe.train.amp)['top1']
     return metrics
 
 
