@@ -124,6 +124,9 @@ def test_each_epochs_batches_come_at_that_epochs_size_from_persistent_workers():
         shapes.append({tuple(images.shape[2:]) for images, _, _ in loader})
     assert loader.persistent_workers and sizes == [16, 24, 32]
     assert shapes == [{(16, 16)}, {(24, 24)}, {(32, 32)}]
+    # Google's RandAugment states pixels at data.img_size: at half the size, half the translate and cutout
+    google = next(t for t in dataset.sized[16].transforms if isinstance(t, timm_auto_augment.RandAugment))
+    assert {(op.hparams['translate_const'], op.hparams['cutout_const']) for op in google.ops} == {(6.0, 6.0)}
 
 
 def test_unreadable_image_in_a_folder_dataset_is_named(tmp_path):
