@@ -178,6 +178,7 @@ class DaliLoader:
         self.taken = 0  # samples this rank has taken over the whole run, the key of the saved states
         self.states: OrderedDict[int, Optional[bytes]] = OrderedDict()  # samples taken -> DALI's checkpoint just after
         self.pending: deque = deque()  # sample indices of the batches handed to DALI and not yet out of it
+        self.probe: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None  # see probe_batch
 
     def __iter__(self):
         self.states[self.taken] = self.states.get(self.taken)  # None: a fresh pipeline, seeded from where it is
@@ -197,6 +198,13 @@ class DaliLoader:
             self.taken += len(labels)
             self.keep_state(pipe.checkpoint())
             yield images, labels, int(skipped.sum())
+
+    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The first batch, taken once, for --dry-run's probes and preview: each new pipeline costs a build (seconds
+        for a large batch), and the dry run spends the run anyway."""
+        if self.probe is None:
+            self.probe = next(iter(self))
+        return self.probe
 
     def file_batches(self):
         """This epoch's batches of (file bytes, label, skipped) from the sampler's position, for DALI."""

@@ -265,9 +265,13 @@ def test_each_dali_randaugment_op_gives_timms_image_at_magnitude_9(increasing):
         assert gap < (6 if name == 'Equalize' else 1.5), (name, gap)
 
 
-def test_a_dry_run_times_a_dali_batch_and_previews_it(tmp_path, write_recipe, image_folder, capsys):
-    recipe = dali_recipe(write_recipe, image_folder)
+def test_a_dry_run_times_a_dali_batch_and_previews_it_from_one_pipeline(tmp_path, write_recipe, image_folder, capsys,
+                                                                       monkeypatch):
+    recipe, built = dali_recipe(write_recipe, image_folder), []
+    define = dali_pipeline.define_pipeline
+    monkeypatch.setattr(dali_pipeline, 'define_pipeline', lambda *args: built.append(args) or define(*args))
     assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
+    assert len(built) == 1  # the probes of several sizes and the preview share one batch
     assert 'forward + backward' in capsys.readouterr().out  # the probe batch came from DALI
     plots = tmp_path / 'run' / 'plots'  # the preview shows DALI's batch, and its table the recipe's ops
     assert (plots / 'augment_preview.png').stat().st_size > 0
