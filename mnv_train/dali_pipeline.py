@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
-from .data import UNREADABLE, EpochSampler, derive_seed, replacing_unreadable
+from .data import UNREADABLE, EpochSampler, derive_seed, open_image, replacing_unreadable
 from .errors import UserError
 from .recipe import AugConfig, DataConfig
 
@@ -147,15 +147,6 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, batches, batch_size: int, s
     return pipe
 
 
-def decodable(data: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-        return True
-    except UNREADABLE:
-        return False
-
-
 def to_torch(tensor_list) -> torch.Tensor:
     """A DALI output batch as a torch tensor of its own (DALI reuses its buffers on the next run)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray  # optional like DALI itself, see import_dali
@@ -240,8 +231,13 @@ class DaliLoader:
         decode either, else every candidate."""
         found = re.search(r'sample #(\d+)', error)
         candidates = [batch[int(found.group(1))] for batch in self.pending] if found else sum(self.pending, [])
-        culprits = [index for index in candidates if not decodable(self.dataset.read_bytes(index)[0])] or candidates
-        return ', '.join(self.dataset.describe(index) for index in culprits)
+        culprits = []
+        for index in candidates:
+            try:  # the host path's decode, which check_data runs too
+                open_image(io.BytesIO(self.dataset.read_bytes(index)[0]), self.dataset.describe(index))
+            except UserError:
+                culprits.append(index)
+        return ', '.join(self.dataset.describe(index) for index in culprits or candidates)
 
     def current_state(self) -> Optional[bytes]:
         """DALI's checkpoint after the last batch taken (serialising it costs time: asked for only when needed);

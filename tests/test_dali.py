@@ -169,6 +169,14 @@ def test_a_file_that_stops_short_stops_the_run_with_one_line_naming_it():
     assert '\n' not in str(error.value)
 
 
+def test_of_the_files_dali_may_have_failed_on_only_those_the_host_decode_fails_on_are_named():
+    source = JpegFiles(8)
+    source.files[5] = source.files[5][:len(source.files[5]) // 3]
+    dali = loader(source, auto_augment=None)
+    dali.pending.extend([[0, 1, 2, 3], [4, 5, 6, 7]])  # two batches handed to DALI, not yet out of it
+    assert dali.culprit('Failed to decode sample #1') == dali.culprit('Error in thread 0') == 'file5.jpg'
+
+
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp('images')
