@@ -332,6 +332,13 @@ def warn_beyond_timm_range(transforms: list, img_size: int, key: str = 'aug.auto
               f'{img_size} px; timm caps magnitudes at 10 and no known timm recipe goes past it')
 
 
+def box_mask(centres: np.ndarray, halves: np.ndarray, length: int, device: torch.device) -> torch.Tensor:
+    """(samples, length) bools: [centre - half, centre + half) on one axis, clipped to [0, length)."""
+    positions = torch.arange(length, device=device)
+    low, high = (torch.as_tensor(v, device=device)[:, None] for v in (centres - halves, centres + halves))
+    return (positions >= low) & (positions < high)
+
+
 class GoogleMixup(Mixup):
     """Google's MixupAndCutmix (official/vision/ops/augment.py, as run for tests/fixtures/google_augment): whether to
     mix, and mixup or cutmix, is drawn once per batch; lambda and the cutmix box per sample; each image is paired with
@@ -358,11 +365,12 @@ class GoogleMixup(Mixup):
         partner = x.flip(0)
         if use_cutmix[0]:
             height, width = x.shape[-2:]
-            for i, side in enumerate(np.sqrt(1 - lam) * height):
-                half, y, z = int(side) // 2, np.random.randint(height), np.random.randint(width)
-                box = (slice(max(0, y - half), y + half), slice(max(0, z - half), z + half))
-                x[i][(slice(None), *box)] = partner[i][(slice(None), *box)]
-                lam[i] = 1 - int(side) ** 2 / (height * width)
+            sides = (np.sqrt(1 - lam) * height).astype(np.int64)
+            centres = np.random.randint([height, width], size=(len(x), 2))  # y, x per sample, drawn in that order
+            inside = [box_mask(centres[:, axis], sides // 2, length, x.device)
+                      for axis, length in enumerate((height, width))]
+            torch.where((inside[0][:, :, None] & inside[1][:, None, :]).unsqueeze(1), partner, x, out=x)
+            lam = (1 - sides ** 2 / (height * width)).astype(np.float32)
         elif (lam < 1).any():
             weight = torch.as_tensor(lam, device=x.device, dtype=x.dtype).view(-1, *[1] * (x.ndim - 1))
             x.mul_(weight).add_(partner.mul_(1 - weight))

@@ -127,12 +127,16 @@ def compile_variant(recipe: recipes.Recipe, mode: str, channels_last: bool) -> r
 
 
 def first_step(run: Run) -> tuple[float, float]:
-    """(seconds, loss) of the first optimizer step on a batch drawn from a fixed seed: compiling happens in it."""
+    """(seconds, loss) of the first optimizer step on a batch drawn from a fixed seed: compiling happens in it.
+    Every RNG is seeded as training seeds step 0, so drop-path and dropout draw the same masks in every row
+    whatever ran before it (the CUDA generator is not reseeded by build_run) and the loss gap is the compile's;
+    inductor generates its random masks itself, so a compiled row's gap still holds their difference."""
     size, generator = run.recipe.data.img_size, torch.Generator().manual_seed(0)
     images = torch.randn(run.plan.per_device, 3, size, size, generator=generator).to(run.world.device)
     targets = torch.randint(0, run.module.num_classes, (run.plan.per_device,), generator=generator)
     memory_format = torch.channels_last if run.recipe.train.channels_last else torch.contiguous_format
     run.model.train()
+    seed_micro_batch(run, step=0, micro_step=0)
     start = time.perf_counter()
     loss = forward_backward(run, images.contiguous(memory_format=memory_format), targets.to(run.world.device),
                             finishing=True)

@@ -19,7 +19,7 @@ from .engine import Interrupted, StopFlag, fit
 from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_folder, recipe_overrides
 from .errors import UserError
 from .eval_suite import evaluate_suite, set_paths
-from .evaluation import EvalSetting, Weights, eval_setting, evaluate_weights, load_weights
+from .evaluation import EvalSetting, Weights, chosen_weights, eval_setting, evaluate_weights, load_weights
 from .optim import plan_batch
 from .report import suite_json_name, suite_table, write_report
 from .runlock import RunLock
@@ -128,9 +128,9 @@ def training_suite(eval_suite: str, data_root: Optional[str]) -> Optional[dict[s
 
 def suite_after_training(run: Run, paths: dict[str, Path]):
     """The suite on the final weights (EMA if any) as validate.py --suite scores last.pt, its results beside it."""
-    module = run.module if run.ema is None else run.ema.module
-    weights = Weights(copy.deepcopy(run.recipe), 'raw' if run.ema is None else 'ema', module.state_dict(),
-                      run.checkpointer.directory / 'last.pt', None)
+    weights = chosen_weights(copy.deepcopy(run.recipe), run.module.state_dict(),
+                             run.ema.module.state_dict() if run.ema is not None else None,
+                             run.checkpointer.directory / 'last.pt', None)
     run_suite(weights, apply_setting(weights, None, None), paths, run.world, run.plan.per_device, 0, None,
               refresh_report=False)  # train_main writes report.md next
 

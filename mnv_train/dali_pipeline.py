@@ -10,13 +10,20 @@ from (seed, rank, samples taken) when a run starts and then run on from batch to
 derived from (seed, epoch, position) for every sample as on the host path. Exact resume therefore keeps DALI's
 pipeline checkpoint (its RNG states) in ours, and the pipeline is rebuilt from the state after the last batch
 taken at every epoch start, because DALI reads ahead and an epoch's read-ahead must not advance the generators.
+
+DALI's checkpoint is taken only when it is asked for (a checkpoint being saved, which only a single process does,
+and each epoch's new pipeline), not after every batch. That is exact at any moment despite DALI's read-ahead
+(prefetch_queue_depth): with checkpointing enabled DALI snapshots every iteration it computes, and
+Pipeline.checkpoint() returns the snapshot of the last batch it handed out, not of the ones it has prefetched.
+What must not read ahead is our side: DaliLoader.prefetches tells data.device_batches not to take the next batch
+before the current step is done, so the last batch handed out is the last one trained on.
 """
 from __future__ import annotations
 
 import io
 import re
 import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -24,13 +31,12 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
-from .data import UNREADABLE, EpochSampler, derive_seed, replacing_unreadable
+from .data import UNREADABLE, EpochSampler, derive_seed, open_image, replacing_unreadable
 from .errors import UserError
 from .recipe import AugConfig, DataConfig
 
 MAGNITUDE_BINS = 11  # DALI's magnitude bin m of 0..10 then scales each op's range as timm's level m / 10 does
 FILL = 128  # rotations, shears, translations: one grey for all channels (timm fills with the mean colour)
-KEPT_STATES = 4  # pipeline checkpoints kept: the training loop may hold a batch or two beyond its last step
 
 
 def import_dali():
@@ -141,15 +147,6 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, batches, batch_size: int, s
     return pipe
 
 
-def decodable(data: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-        return True
-    except UNREADABLE:
-        return False
-
-
 def to_torch(tensor_list) -> torch.Tensor:
     """A DALI output batch as a torch tensor of its own (DALI reuses its buffers on the next run)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray  # optional like DALI itself, see import_dali
@@ -166,6 +163,8 @@ def to_torch(tensor_list) -> torch.Tensor:
 class DaliLoader:
     """Batches (uint8 images, labels, unreadable samples skipped) from this rank's sampler through DALI."""
 
+    prefetches = True  # DALI reads ahead on its own stream: data.device_batches must not take a batch early
+
     def __init__(self, source, sampler: EpochSampler, batch_size: int, cfg: DataConfig, aug: AugConfig,
                  seed: int, device: torch.device):
         if not hasattr(source, 'read_bytes'):
@@ -175,15 +174,17 @@ class DaliLoader:
         self.dataset, self.sampler, self.batch_size = source, sampler, batch_size
         self.cfg, self.aug, self.device = cfg, aug, device
         self.seed, self.rank = seed, sampler.rank
-        self.taken = 0  # samples this rank has taken over the whole run, the key of the saved states
-        self.states: OrderedDict[int, Optional[bytes]] = OrderedDict()  # samples taken -> DALI's checkpoint just after
+        self.taken = 0  # samples this rank has taken over the whole run
+        self.pipe = None  # the pipeline that handed out the last batch taken
+        self.restored: Optional[bytes] = None  # the checkpoint to start from when there is no pipeline yet
         self.pending: deque = deque()  # sample indices of the batches handed to DALI and not yet out of it
+        self.probe: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None  # see probe_batch
 
     def __iter__(self):
-        self.states[self.taken] = self.states.get(self.taken)  # None: a fresh pipeline, seeded from where it is
-        seed = derive_seed(self.seed, self.rank, self.taken) % 2**31
+        seed = derive_seed(self.seed, self.rank, self.taken) % 2**31  # used only without a state: a fresh start
         pipe = define_pipeline(self.cfg, self.aug, self.file_batches, self.batch_size, seed, self.device,
-                               self.states[self.taken])
+                               self.current_state())
+        self.pipe = pipe
         self.pending.clear()
         for _ in range(len(self.sampler) // self.batch_size):
             try:
@@ -195,8 +196,14 @@ class DaliLoader:
                                 f'mnv_train.check_data DATA_DIR, or use data.pipeline host') from None
             self.pending.popleft()
             self.taken += len(labels)
-            self.keep_state(pipe.checkpoint())
             yield images, labels, int(skipped.sum())
+
+    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The first batch, taken once, for --dry-run's probes and preview: each new pipeline costs a build (seconds
+        for a large batch), and the dry run spends the run anyway."""
+        if self.probe is None:
+            self.probe = next(iter(self))
+        return self.probe
 
     def file_batches(self):
         """This epoch's batches of (file bytes, label, skipped) from the sampler's position, for DALI."""
@@ -224,22 +231,27 @@ class DaliLoader:
         decode either, else every candidate."""
         found = re.search(r'sample #(\d+)', error)
         candidates = [batch[int(found.group(1))] for batch in self.pending] if found else sum(self.pending, [])
-        culprits = [index for index in candidates if not decodable(self.dataset.read_bytes(index)[0])] or candidates
-        return ', '.join(self.dataset.describe(index) for index in culprits)
+        culprits = []
+        for index in candidates:
+            try:  # the host path's decode, which check_data runs too
+                open_image(io.BytesIO(self.dataset.read_bytes(index)[0]), self.dataset.describe(index))
+            except UserError:
+                culprits.append(index)
+        return ', '.join(self.dataset.describe(index) for index in culprits or candidates)
 
-    def keep_state(self, state: bytes):
-        self.states[self.taken] = state
-        while len(self.states) > KEPT_STATES:
-            self.states.popitem(last=False)
+    def current_state(self) -> Optional[bytes]:
+        """DALI's checkpoint after the last batch taken (serialising it costs time: asked for only when needed);
+        None where a fresh pipeline would start here from its seed."""
+        return self.pipe.checkpoint() if self.pipe is not None else self.restored
 
     def state_dict(self, taken: int) -> dict:
         """DALI's checkpoint after `taken` samples of this rank, as a tensor for our checkpoint file."""
-        if taken not in self.states:
-            raise RuntimeError(f'no DALI state kept for {taken} samples taken (kept: {list(self.states)})')
-        if self.states[taken] is None:
-            return {'taken': taken, 'dali': None}
-        return {'taken': taken, 'dali': torch.frombuffer(bytearray(self.states[taken]), dtype=torch.uint8)}
+        if taken != self.taken:
+            raise RuntimeError(f'DALI\'s state is asked for after {taken} samples, but {self.taken} were taken')
+        state = self.current_state()
+        return {'taken': taken, 'dali': None if state is None else torch.frombuffer(bytearray(state),
+                                                                                     dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict):
-        self.taken = state['taken']
-        self.states = OrderedDict({self.taken: None if state['dali'] is None else state['dali'].numpy().tobytes()})
+        self.taken, self.pipe = state['taken'], None
+        self.restored = None if state['dali'] is None else state['dali'].numpy().tobytes()

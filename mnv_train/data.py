@@ -451,7 +451,7 @@ def loader_batches(loader, limit: Optional[int] = None):
 def device_batches(loader, normalize: DeviceNormalize, limit: Optional[int] = None):
     """(images, labels, skipped) batches, at most `limit`, normalised on the device. On CUDA the next batch is copied
     and normalised on a side stream while the current one computes."""
-    if normalize.device.type != 'cuda':
+    if normalize.device.type != 'cuda' or getattr(loader, 'prefetches', False):  # DALI reads ahead itself
         yield from map(normalize, loader_batches(loader, limit))
         return
     stream, ready = torch.cuda.Stream(), None

@@ -24,7 +24,7 @@ from . import recipe as recipes
 from .distributed import World
 from .errors import UserError
 from .evaluation import evaluate, evaluated_model
-from .pipeline import eval_loader
+from .pipeline import eval_loader, eval_size
 
 IMAGENET_CLASSES = 1000
 
@@ -161,8 +161,8 @@ def evaluate_set(name: str, folder: Path, real_path: Optional[Path], recipe: rec
     labels, classes, listed = class_map(BY_NAME[name])
     check_class_folders(name, folder, labels, listed)
     source = data.TimmImages('folder', str(folder), '', False, labels)
-    size = recipe.data.eval_img_size or recipe.data.img_size
-    loader = eval_loader(recipe.data, source, size, recipe.data.crop_pct, model.norm, world, batch_size)
+    loader = eval_loader(recipe.data, source, eval_size(recipe.data), recipe.data.crop_pct, model.norm, world,
+                         batch_size)
     real = None
     if real_path is not None and real_path.is_file():
         hot = real_labels(real_path, source.dataset.filenames(basename=True), IMAGENET_CLASSES)

@@ -18,7 +18,7 @@ from . import model as models
 from . import recipe as recipes
 from .distributed import World
 from .errors import UserError
-from .pipeline import EvalSet, eval_sets
+from .pipeline import EvalSet, eval_sets, eval_size
 
 
 @torch.no_grad()
@@ -118,11 +118,17 @@ def load_weights(path: Path, choice: str = 'auto', recipe_name: Optional[str] = 
     if payload is None:
         return Weights(recipe, 'ema' if choice == 'ema' else 'raw',
                        checkpoint.load_state_dict(path, use_ema=choice == 'ema'), path, None)
-    use_ema = choice == 'ema' or (choice == 'auto' and payload.get('ema') is not None)
-    if use_ema and payload.get('ema') is None:
+    return chosen_weights(recipe, payload['model'], payload.get('ema'), path, checkpoint.read_manifest(path), choice)
+
+
+def chosen_weights(recipe: recipes.Recipe, raw: dict, ema: Optional[dict], path: Path, manifest: Optional[dict],
+                   choice: str = 'auto') -> Weights:
+    """The EMA or the raw weights of a run (`choice` auto takes EMA when there is some), for a checkpoint read back
+    and for the weights a run ends with alike."""
+    use_ema = choice == 'ema' or (choice == 'auto' and ema is not None)
+    if use_ema and ema is None:
         raise UserError(f'checkpoint {path} has no EMA weights (the run had ema.enabled false); use --weights raw')
-    return Weights(recipe, 'ema' if use_ema else 'raw', payload['ema' if use_ema else 'model'], path,
-                   checkpoint.read_manifest(path))
+    return Weights(recipe, 'ema' if use_ema else 'raw', ema if use_ema else raw, path, manifest)
 
 
 def evaluate_weights(recipe: recipes.Recipe, state_dict: dict, source_name: str, world: World, batch_size: int,
@@ -179,7 +185,7 @@ def eval_setting(recipe: recipes.Recipe, img_size: Optional[int], crop_pct: Opti
     figure is compared only when both size and crop are the ones it was measured at.
     """
     data_cfg, provenance = recipe.data, recipe.provenance
-    size = img_size or data_cfg.eval_img_size or data_cfg.img_size
+    size = img_size or eval_size(data_cfg)
     published_crop = provenance.eval_crop_pct or data_cfg.crop_pct
     at_published_size = provenance.eval_img_size is not None and size == provenance.eval_img_size
     if crop_pct:
@@ -191,6 +197,6 @@ def eval_setting(recipe: recipes.Recipe, img_size: Optional[int], crop_pct: Opti
     expected = None
     if at_published_size and crop == published_crop:
         expected = provenance.expected_top1_eval
-    elif size == (data_cfg.eval_img_size or data_cfg.img_size) and crop == data_cfg.crop_pct:
+    elif size == eval_size(data_cfg) and crop == data_cfg.crop_pct:
         expected = provenance.expected_top1
     return EvalSetting(size, crop, source, expected)

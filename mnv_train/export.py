@@ -29,7 +29,7 @@ from .distributed import World
 from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_folder, recipe_overrides
 from .errors import UserError
 from .evaluation import Weights, load_weights
-from .pipeline import eval_sets
+from .pipeline import eval_sets, eval_size
 
 
 def parser() -> argparse.ArgumentParser:
@@ -120,7 +120,7 @@ def release_info(weights: Weights, sha256: str, stem: str, num_classes: int, nor
             'from_checkpoint': str(weights.path), 'step': manifest.get('step'),
             # a mid-epoch checkpoint carries the metrics of the last epoch end, which are not its own
             'metrics': metrics if metrics.get('step') == manifest.get('step') else None,
-            'input': {'img_size': recipe.data.eval_img_size or recipe.data.img_size, 'crop_pct': recipe.data.crop_pct,
+            'input': {'img_size': eval_size(recipe.data), 'crop_pct': recipe.data.crop_pct,
                       'interpolation': recipe.data.interpolation,
                       'mean': list(norm.mean), 'std': list(norm.std), 'layout': 'NCHW float32 RGB'},
             'checks': checks}

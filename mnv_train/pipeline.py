@@ -20,10 +20,15 @@ class EvalSet:
     loader: torch.utils.data.DataLoader
 
 
+def eval_size(cfg: DataConfig) -> int:
+    """The size every main evaluation runs at: data.eval_img_size, or the training size when it is not set."""
+    return cfg.eval_img_size or cfg.img_size
+
+
 def eval_sets(recipe: Recipe, source, norm: data.Normalization, world: World, batch_size: int) -> list[EvalSet]:
     """Loaders of this rank's share of the validation split at the eval size, then at each of data.extra_evals."""
     cfg = recipe.data
-    sizes = [('', cfg.eval_img_size or cfg.img_size, cfg.crop_pct)]
+    sizes = [('', eval_size(cfg), cfg.crop_pct)]
     sizes += [(f'@{int(size)}', int(size), float(crop)) for size, crop in cfg.extra_evals]
     return [EvalSet(name, size, crop, eval_loader(cfg, source, size, crop, norm, world, batch_size))
             for name, size, crop in sizes]
@@ -45,7 +50,7 @@ def fit_check_set(recipe: Recipe, train_source, norm: data.Normalization, world:
     carries augmentation, mixup and label smoothing)."""
     cfg, count = recipe.data, min(recipe.train.fit_check_images, len(train_source))
     indices = sorted(np.random.default_rng(recipe.train.seed).choice(len(train_source), count, replace=False).tolist())
-    size = cfg.eval_img_size or cfg.img_size
+    size = eval_size(cfg)
     dataset = data.TransformedDataset(train_source, data.eval_transform(size, cfg.crop_pct, cfg.interpolation, norm))
     loader = data.make_loader(dataset, data.ShardSampler(count, world.rank, world.size, indices), batch_size,
                               cfg.num_workers, drop_last=False, pin_memory=world.device.type == 'cuda',

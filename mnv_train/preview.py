@@ -102,7 +102,7 @@ def prepared_batch(run: Run, size: int, rand_augment: Optional[RandAugment] = No
     sample naming the RandAugment ops that changed it (with `rand_augment`). DALI augments whole batches in its own
     graph: at most one batch, the ops not known. The dry run's probes and the preview both take their batch here."""
     if runs_dali(run):
-        images, labels, skipped = next(iter(run.train_loader))
+        images, labels, skipped = run.train_loader.probe_batch()
         batch = run.train_input((images[:size], labels[:size], skipped))
         return batch, ['DALI: ops not recorded'] * len(batch[0])
     dataset, seed, log, ops = run.train_loader.dataset, run.recipe.train.seed, [], []

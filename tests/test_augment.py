@@ -348,3 +348,45 @@ def test_tfs_bilinear_resize_is_torchs_without_antialias_and_pils_bilinear_is_no
 def test_google_mixup_with_timms_cutmix_minmax_is_a_user_error_naming_the_key():
     with pytest.raises(UserError, match=r'aug\.cutmix_minmax: .*set cutmix_minmax to null'):
         GoogleMixup(mixup_alpha=0.8, cutmix_alpha=1.0, cutmix_minmax=[0.2, 0.8], num_classes=10)
+
+
+def google_cutmix(batch: int, seed: int = 0):
+    """GoogleMixup, always cutmix, on `batch` random 3 x 12 x 20 images: (input, output, label weights)."""
+    mixer = GoogleMixup(mixup_alpha=0., cutmix_alpha=1., prob=1., label_smoothing=0., num_classes=batch)
+    images = torch.randn(batch, 3, 12, 20, generator=torch.Generator().manual_seed(seed))
+    np.random.seed(seed)
+    mixed, targets = mixer(images.clone(), torch.arange(batch))
+    return images, mixed, targets.diagonal()
+
+
+def test_google_cutmix_pastes_the_reversed_batchs_box_around_a_centre_drawn_per_sample():
+    images, mixed, weights = google_cutmix(batch=16)
+    np.random.seed(0)  # the same draws, in Google's order: mix or not, lambda per sample, then y, x per sample
+    assert np.random.rand() < 1
+    lam = np.random.beta(1., 1., 16).astype(np.float32)
+    expected = images.clone()
+    for i, side in enumerate(np.sqrt(1 - lam) * 12):
+        half, y, x = int(side) // 2, np.random.randint(12), np.random.randint(20)
+        box = (slice(None), slice(max(0, y - half), y + half), slice(max(0, x - half), x + half))
+        expected[i][box] = images[15 - i][box]
+        assert weights[i] == np.float32(1 - int(side) ** 2 / (12 * 20))
+    assert torch.equal(mixed, expected)
+
+
+def test_google_cutmix_runs_as_many_tensor_ops_for_a_large_batch_as_for_a_small_one():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+    counts = []
+    for batch in (4, 64):  # a Python loop over the batch runs a few ops per image
+        with CountOps() as ops:
+            google_cutmix(batch)
+        counts.append(ops.count)
+    assert counts[0] == counts[1]

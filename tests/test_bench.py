@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mnv_train import bench, preresize
-from mnv_train.build import compile_telling_time
+from mnv_train import bench, distributed, preresize
+from mnv_train import recipe as recipes
+from mnv_train.build import build_run, compile_telling_time
 
 from conftest import ONE_EPOCH, train_tiny
 
@@ -50,6 +51,16 @@ def test_bench_measures_each_compile_mode_with_channels_last_on_and_off(write_re
     printed = capsys.readouterr().out
     assert printed.count('train.compile (max-autotune-no-cudagraphs): the first forward took') == 2  # one per run
     assert 'loss vs eager' in printed
+
+
+def test_the_first_step_loss_is_seeded_so_drop_path_draws_the_same_masks_whatever_ran_before(write_recipe, tmp_path):
+    recipe = recipes.load(str(write_recipe({'model': {'drop_path_rate': 0.5, 'drop_rate': 0.5}})))
+    losses = []
+    for draws_before in (0, 1000):  # another row's steps have moved a generator that build_run does not reseed
+        run = build_run(recipe, distributed.init('cpu'), tmp_path / str(draws_before), per_device_batch=8)
+        torch.rand(draws_before)
+        losses.append(bench.first_step(run)[1])
+    assert losses[0] == losses[1]
 
 
 def test_bench_refuses_an_unknown_compile_mode(write_recipe, capsys):

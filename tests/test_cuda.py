@@ -551,3 +551,18 @@ def test_kill_9_then_resume_auto_on_the_gpu_is_bit_identical_with_deterministic_
         shown = differing[:20] + ([f'... and {len(differing) - 20} more'] if len(differing) > 20 else [])
         pytest.fail(f'resumed run is not bit-identical: {len(differing)} tensors differ\n' + '\n'.join(shown) +
                     '\n' + diagnose(recipe, tmp_path, whole, killed, resume_step, reference_err))
+
+
+def test_device_batches_take_no_batch_early_from_a_loader_that_prefetches_itself():
+    """DALI's checkpoint at save time is the last batch it handed out: that must be the batch just trained on."""
+    class Prefetching:
+        prefetches, taken = True, 0
+
+        def __iter__(self):
+            for _ in range(3):
+                self.taken += 1
+                yield torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 0
+    loader = Prefetching()
+    norm = data.DeviceNormalize(data.Normalization((0.0,) * 3, (1.0,) * 3), CUDA, channels_last=False)
+    for number, _ in enumerate(data.device_batches(loader, norm), start=1):
+        assert loader.taken == number

@@ -60,17 +60,40 @@ def epoch(dali: dali_pipeline.DaliLoader, number: int, start: int = 0) -> list:
     return list(dali)
 
 
+class CountedCheckpoints:
+    """define_pipeline's pipelines, counting the DALI checkpoints taken of them."""
+
+    def __init__(self, monkeypatch):
+        self.count, define = 0, dali_pipeline.define_pipeline
+        monkeypatch.setattr(dali_pipeline, 'define_pipeline', lambda *args: self.counted(define(*args)))
+
+    def counted(self, pipe):
+        checkpoint = pipe.checkpoint
+
+        def counting():
+            self.count += 1
+            return checkpoint()
+        pipe.checkpoint = counting
+        return pipe
+
+
 @pytest.fixture(scope='module')
 def two_epochs():
-    """A loader over 16 files, two epochs of 4 batches, and the state kept after the first two batches."""
-    dali = loader(JpegFiles(16))
-    first = epoch(dali, 0)
-    state = dali.state_dict(2 * BATCH)
-    return dali, first, epoch(dali, 1), state
+    """A loader over 16 files, two epochs of 4 batches, the state taken after the first two batches, and the DALI
+    checkpoints taken: for that state and for the second epoch's pipeline."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        counted, dali = CountedCheckpoints(monkeypatch), loader(JpegFiles(16))
+        dali.sampler.set_position(0)
+        batches = iter(dali)
+        first = [next(batches), next(batches)]
+        state = dali.state_dict(2 * BATCH)
+        first += list(batches)
+        second = epoch(dali, 1)
+    return dali, first, second, state, counted.count
 
 
 def test_dali_batches_hold_the_host_samplers_indices_in_its_order(two_epochs):
-    dali, first, second, _ = two_epochs
+    dali, first, second, _, _ = two_epochs
     for number, batches in enumerate((first, second)):
         host = data.EpochSampler(16, rank=0, world_size=1, seed=0)
         host.set_position(number)
@@ -78,7 +101,7 @@ def test_dali_batches_hold_the_host_samplers_indices_in_its_order(two_epochs):
 
 
 def test_dali_batches_are_uint8_chw_at_img_size_with_labels_and_no_skips(two_epochs):
-    _, first, _, _ = two_epochs
+    _, first, _, _, _ = two_epochs
     images, labels, skipped = first[0]
     assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, 24, 24)
     assert labels.dtype == torch.int64 and labels.shape == (BATCH,) and skipped == 0
@@ -87,7 +110,7 @@ def test_dali_batches_are_uint8_chw_at_img_size_with_labels_and_no_skips(two_epo
 
 
 def test_a_loader_restored_mid_epoch_repeats_the_uninterrupted_batches_and_next_epoch(two_epochs):
-    _, first, second, state = two_epochs
+    _, first, second, state, _ = two_epochs
     resumed = loader(JpegFiles(16))
     resumed.load_state_dict(state)
     rest = epoch(resumed, 0, start=2 * BATCH)
@@ -97,8 +120,18 @@ def test_a_loader_restored_mid_epoch_repeats_the_uninterrupted_batches_and_next_
         assert torch.equal(a, b)
 
 
+def test_dalis_checkpoint_is_taken_only_for_a_saved_state_and_a_new_epochs_pipeline(two_epochs):
+    assert two_epochs[-1] == 2  # 8 batches handed out
+
+
+def test_dalis_state_is_refused_at_another_position_than_the_last_batch_taken(two_epochs):
+    dali = two_epochs[0]
+    with pytest.raises(RuntimeError, match='after 28 samples, but 32 were taken'):
+        dali.state_dict(7 * BATCH)
+
+
 def test_a_loader_from_the_same_seed_gives_the_same_batches_and_another_seed_others(two_epochs):
-    _, first, _, _ = two_epochs
+    _, first, _, _, _ = two_epochs
     again, other = loader(JpegFiles(16)), loader(JpegFiles(16), seed=1)
     assert torch.equal(epoch(again, 0)[0][0], first[0][0])
     assert not torch.equal(epoch(other, 0)[0][0], first[0][0])
@@ -134,6 +167,14 @@ def test_a_file_that_stops_short_stops_the_run_with_one_line_naming_it():
     with pytest.raises(UserError, match=r'^DALI cannot decode file5\.jpg: check the data') as error:
         epoch(loader(source, auto_augment=None), 0)
     assert '\n' not in str(error.value)
+
+
+def test_of_the_files_dali_may_have_failed_on_only_those_the_host_decode_fails_on_are_named():
+    source = JpegFiles(8)
+    source.files[5] = source.files[5][:len(source.files[5]) // 3]
+    dali = loader(source, auto_augment=None)
+    dali.pending.extend([[0, 1, 2, 3], [4, 5, 6, 7]])  # two batches handed to DALI, not yet out of it
+    assert dali.culprit('Failed to decode sample #1') == dali.culprit('Error in thread 0') == 'file5.jpg'
 
 
 @pytest.fixture(scope='module')
@@ -265,9 +306,13 @@ def test_each_dali_randaugment_op_gives_timms_image_at_magnitude_9(increasing):
         assert gap < (6 if name == 'Equalize' else 1.5), (name, gap)
 
 
-def test_a_dry_run_times_a_dali_batch_and_previews_it(tmp_path, write_recipe, image_folder, capsys):
-    recipe = dali_recipe(write_recipe, image_folder)
+def test_a_dry_run_times_a_dali_batch_and_previews_it_from_one_pipeline(tmp_path, write_recipe, image_folder, capsys,
+                                                                       monkeypatch):
+    recipe, built = dali_recipe(write_recipe, image_folder), []
+    define = dali_pipeline.define_pipeline
+    monkeypatch.setattr(dali_pipeline, 'define_pipeline', lambda *args: built.append(args) or define(*args))
     assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
+    assert len(built) == 1  # the probes of several sizes and the preview share one batch
     assert 'forward + backward' in capsys.readouterr().out  # the probe batch came from DALI
     plots = tmp_path / 'run' / 'plots'  # the preview shows DALI's batch, and its table the recipe's ops
     assert (plots / 'augment_preview.png').stat().st_size > 0
@@ -293,7 +338,7 @@ def test_a_saved_dali_state_is_used_only_at_its_own_position_on_one_rank():
     def restore(samples_seen: int, world_size: int):
         Run.restore_input(SimpleNamespace(train_loader=dali, state=SimpleNamespace(samples_seen=samples_seen),
                                           world=SimpleNamespace(size=world_size)), saved)
-        return dali.taken, dali.states[dali.taken]
+        return dali.taken, dali.current_state()
     assert restore(4, 1) == (4, bytes(3))  # its own position: DALI's generators continue from it
     assert restore(8, 2) == (4, None)  # another world size: a fresh pipeline seeded from this rank's position
     assert restore(6, 1) == (6, None)  # the position rounded to a step: the same

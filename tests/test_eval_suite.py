@@ -21,6 +21,10 @@ from timm.data import ImageNetInfo, RealLabelsImagenet
 from mnv_train import recipe as recipes
 from mnv_train import resume
 from mnv_train.cli import train_main, validate_main
+from mnv_train.errors import UserError
+from mnv_train.evaluation import chosen_weights
+from mnv_train.pipeline import eval_size
+from mnv_train.recipe import DataConfig
 
 from conftest import ONE_EPOCH, REPO, TINY, merge
 
@@ -271,3 +275,18 @@ def test_adding_the_suite_on_resume_is_reported_not_refused():
     saved = recipes.from_dict(TINY).to_dict()
     changed = recipes.from_dict(merge(TINY, {'train': {'eval_suite': 'imagenet'}})).to_dict()
     assert resume.recipe_changes(saved, changed) == [('train.eval_suite', 'none', 'imagenet', True)]
+
+
+def test_a_checkpoint_and_a_finished_run_choose_ema_or_raw_weights_by_one_rule(tmp_path):
+    recipe, raw, ema, path = recipes.from_dict(TINY), {'w': torch.zeros(1)}, {'w': torch.ones(1)}, tmp_path / 'last.pt'
+    picked = {(choice, has_ema): chosen_weights(recipe, raw, ema if has_ema else None, path, None, choice)
+              for choice in ('auto', 'raw', 'ema') for has_ema in (True, False) if (choice, has_ema) != ('ema', False)}
+    assert {key: (w.kind, w.state_dict is ema) for key, w in picked.items()} == {
+        ('auto', True): ('ema', True), ('auto', False): ('raw', False), ('raw', True): ('raw', False),
+        ('raw', False): ('raw', False), ('ema', True): ('ema', True)}
+    with pytest.raises(UserError, match=f'checkpoint {path} has no EMA weights'):
+        chosen_weights(recipe, raw, None, path, None, 'ema')
+
+
+def test_every_main_evaluation_is_at_data_eval_img_size_or_else_the_training_size():
+    assert eval_size(DataConfig(img_size=32)) == 32 and eval_size(DataConfig(img_size=32, eval_img_size=40)) == 40
