@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 from test_invariance import largest_difference, torchrun_command
 
-from mnv_train import checkpoint, data, shard
+from mnv_train import bench, checkpoint, data, shard
 from mnv_train.cli import train_main
 from mnv_train.errors import UserError
 from mnv_train.recipe import AugConfig, DataConfig
@@ -177,7 +177,8 @@ def test_kill_9_then_resume_on_the_same_world_size_is_bit_identical(reference, s
 def test_two_ranks_killed_then_resumed_on_one_continue_the_same_trajectory(reference, shards, tmp_path):
     recipe, out = streamed_recipe(tmp_path, shards), tmp_path / 'run'
     kill_9_after_step(start(torchrun_command(2, '--recipe', recipe, '--output', out), out), out, 3)
-    assert checkpoint.load(out / 'checkpoints' / 'step-00000003.pt')['plan']['world_size'] == 2
+    killed = checkpoint.load(out / 'checkpoints' / 'step-00000003.pt')
+    assert killed['plan']['world_size'] == 2
     resumed, whole = train(recipe, out, '--resume', 'auto'), reference[1]
     assert resumed['plan']['world_size'] == 1
     assert resumed['state']['samples_seen'] == whole['state']['samples_seen'] == 8 * 16
@@ -186,9 +187,18 @@ def test_two_ranks_killed_then_resumed_on_one_continue_the_same_trajectory(refer
     ema = largest_difference(whole['ema'], resumed['ema'], statistics=False)
     print(f'2 ranks for 3+ steps, killed, then 1 process: max |weight difference| {weights:.2e} (EMA {ema:.2e})')
     assert weights < 1e-5 and ema < 1e-5
-    first = checkpoint.load(out / 'checkpoints' / 'step-00000007.pt')
-    assert largest_difference(first['model'], whole['model'], statistics=False) > 1e-4, 'the weights hardly moved: ' \
-                                                                                     'the tolerance tells nothing'
+    assert largest_difference(killed['model'], whole['model'], statistics=False) > 1e-3, 'the 5 steps after the ' \
+                                                                                      'kill hardly moved the weights'
+
+
+def test_bench_compares_the_input_rate_of_the_shards_with_the_folder_round_by_round(folder, shards, tmp_path):
+    recipe, out = recipe_file(tmp_path / 'folder.yaml', dataset='folder', data_dir=str(folder)), tmp_path / 'b.json'
+    assert bench.main(['--recipe', str(recipe), '--compare-shards', str(shards), '--rounds', '2', '--steps', '2',
+                       '--warmup', '1', '--json', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result['input_folder']) == len(result['input_streaming']) == 2
+    assert result['streaming_vs_folder'] == [s / f for s, f in zip(result['input_streaming'], result['input_folder'])]
+    assert all(rate > 0 for rate in result['input_folder'] + result['input_streaming'])
 
 
 # ---------------------------------------------------------------------------------------------- remote and bad input
