@@ -246,7 +246,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 Path(args.json).write_text(json.dumps({'recipe': recipe.name, 'compile_modes': rows}, indent=1))
         return 0
     if args.compare_shards:
-        with tempfile.TemporaryDirectory() as scratch:
+        # loader workers may still be reading ahead into the shard cache while the folder is removed
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:
             runs = [build_run(variant, world, Path(scratch) / name, global_batch=batch * world.size,
                               per_device_batch=batch)
                     for name, variant in (('folder', recipe), ('streaming', streamed_variant(

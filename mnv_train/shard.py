@@ -95,10 +95,9 @@ def open_samples(src: Path, split: str):
 
 def write_split(samples, count: Optional[int], out: Path, shard_size: str) -> dict:
     """Writes the readable samples to `out` as MDS; returns the split's part of the manifest."""
-    from streaming import MDSWriter  # optional dependency, as data.import_streaming says
-    data.import_streaming()
+    streaming = data.import_streaming()
     per_class, unreadable, total = Counter(), [], 0
-    with MDSWriter(out=str(out), columns=COLUMNS, size_limit=shard_size) as writer:
+    with streaming.MDSWriter(out=str(out), columns=COLUMNS, size_limit=shard_size) as writer:
         for name, encoded, label in tqdm(samples, total=count, desc=out.name, unit='img', file=sys.stderr):
             reason = why_unreadable(io.BytesIO(encoded), name)
             if reason is not None:

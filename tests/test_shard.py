@@ -170,7 +170,6 @@ def test_kill_9_then_resume_on_the_same_world_size_is_bit_identical(reference, s
     moved = streamed_recipe(tmp_path, shutil.copytree(shards, tmp_path / 'copy'), name='moved')
     assert train_main(['--recipe', str(moved), '--output', str(out), '--resume', 'auto', '--quiet']) == 2
     assert 'data.remote' in capsys.readouterr().err  # another shard set is another order: refused
-    # the stale shared memory of the killed run is cleaned at start: StreamingDataset would refuse its folder
     assert_same_training_state(train(recipe, out, '--resume', 'auto'), reference[1])
 
 
