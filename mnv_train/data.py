@@ -197,11 +197,13 @@ class StreamedImages:
 
     Read by index, not iterated: the order is EpochSampler's, as for an image folder, so the job's micro-batches,
     exact resume on any world size, evaluation without padding and replacing unreadable images are the folder
-    path's, and a sample decodes and augments as its file would. The cost is that an epoch's first pass touches the
-    shards in random order, so with data.local smaller than the split a remote run downloads shards more than once
-    per epoch; StreamingDataset's own order (shard-local shuffling) would read them in sequence, but gives another
+    path's, and a sample decodes and augments as its file would. The cost is that the first epoch touches the shards
+    in random order: its first batches wait for many whole-shard downloads, and data.local must hold the whole split
+    (no cache limit is set, since evicting shards read in random order would download them again and again).
+    StreamingDataset's own order (shard-local shuffling) would read them in sequence, but gives another
     order per world size unless num_canonical_nodes, the shuffle and the global batch are pinned, and resumes from
-    its own state rather than from our step. See benchmarks/results/streaming.md for what reading by index costs.
+    its own state rather than from our step. benchmarks/results/streaming/summary.md measures what reading by index
+    costs.
     """
 
     def __init__(self, remote: str, local: str, split: str):
