@@ -17,6 +17,7 @@ from PIL import Image
 from test_invariance import largest_difference, torchrun_command
 
 from mnv_train import bench, checkpoint, data, shard
+from mnv_train import recipe as recipes
 from mnv_train.cli import train_main
 from mnv_train.errors import UserError
 from mnv_train.recipe import AugConfig, DataConfig
@@ -236,6 +237,13 @@ def test_bad_credentials_and_a_missing_shard_on_s3_are_one_line_naming_them(s3, 
     monkeypatch.setattr(settings, 'INITIAL_NO_AUTH_ACTION_COUNT', 0)  # moto now checks the keys: 'test' is unknown
     with pytest.raises(UserError, match=r"'validation' at data.remote s3://data/mds: access denied .*credentials"):
         data.StreamedImages('s3://data/mds', str(tmp_path / 'cache'), 'validation')
+
+
+def test_a_streaming_recipe_without_remote_or_local_is_refused_at_load(tmp_path):
+    path = tmp_path / 'r.yaml'
+    path.write_text(yaml.safe_dump(merge(STREAMED, {'data': {'dataset': 'streaming', 'remote': 's3://b/mds'}})))
+    with pytest.raises(UserError, match='data.dataset streaming needs data.remote .* and data.local'):
+        recipes.load(str(path))
 
 
 def test_an_unreachable_endpoint_and_an_unusable_cache_are_one_line(monkeypatch, shards, tmp_path):
