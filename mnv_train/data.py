@@ -275,7 +275,8 @@ def check_writable_cache(local: str):
 def clean_stale_shared_memory_once():
     """StreamingDataset's shared memory left by a killed run would be taken for a live one's. Its cleaner is a
     collective (a barrier): every rank calls it once, before its first dataset, since later it would unlink the
-    memory of the datasets this process already opened."""
+    memory of the datasets this process already opened. It unlinks every StreamingDataset block on the node, a
+    live job's too, so one streaming job per node."""
     from streaming.base.util import clean_stale_shared_memory  # optional, as in import_streaming
     clean_stale_shared_memory()
 
