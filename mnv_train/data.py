@@ -279,6 +279,13 @@ def clean_stale_shared_memory_once():
     live job's too, so one streaming job per node."""
     from streaming.base.util import clean_stale_shared_memory  # optional, as in import_streaming
     clean_stale_shared_memory()
+    # it stops at the first free slot, and a killed run's registry of its local folders past one makes the next
+    # StreamingDataset on those folders refuse them ('Reused local directory'): those registries go too
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+        for registry in Path('/dev/shm').glob('[0-9][0-9][0-9][0-9][0-9][0-9]_locals'):
+            registry.unlink(missing_ok=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def manifest_classes(streaming, remote: str, local: str) -> Optional[int]:
