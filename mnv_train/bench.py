@@ -15,6 +15,12 @@ loader workers and the model share the cores, so there the bound is 1 / (1/a + 1
 instead measures (a) for each train.compile mode (and eager), with train.channels_last on and off: img/s, the
 first step's seconds (compiling included) and its loss on one fixed batch next to eager's, to choose the fastest
 mode that is exact enough.
+
+  python -m mnv_train.bench --recipe mnv4_conv_small --data-dir /data/imagenet --compare-shards /data/imagenet-mds
+
+instead measures (b) for the folder and for the same images as MDS shards (`python -m mnv_train.shard`, read by
+data.dataset streaming with a fresh cache), alternately for --rounds rounds: a shared machine drifts, so the ratio
+is taken round by round. Round 1 of the shards includes copying them into the cache.
 """
 from __future__ import annotations
 
@@ -117,6 +123,29 @@ def bench(run: Run, steps: int, warmup: int) -> dict:
     return result
 
 
+def streamed_variant(recipe: recipes.Recipe, shards: str, cache: Path) -> recipes.Recipe:
+    return replace(recipe, data=replace(recipe.data, dataset='streaming', remote=shards, local=str(cache)))
+
+
+def shard_comparison(folder: Run, streamed: Run, steps: int, warmup: int, rounds: int) -> dict:
+    """Input img/s of the folder and of its shards, measured alternately; the streaming/folder ratio per round."""
+    folder_rates, streamed_rates = [], []
+    for _ in range(rounds):
+        folder_rates.append(input_rate(folder, steps, warmup))
+        streamed_rates.append(input_rate(streamed, steps, warmup))
+    ratios = [s / f for s, f in zip(streamed_rates, folder_rates)]
+    return {'input_folder': folder_rates, 'input_streaming': streamed_rates, 'streaming_vs_folder': ratios,
+            'median_ratio': sorted(ratios)[len(ratios) // 2]}
+
+
+def print_shard_comparison(result: dict):
+    print(f'  {"round":>5s} {"folder img/s":>13s} {"shards img/s":>13s} {"ratio":>6s}')
+    for i, (f, s, r) in enumerate(zip(result['input_folder'], result['input_streaming'],
+                                      result['streaming_vs_folder'])):
+        print(f'  {i + 1:5d} {f:13.1f} {s:13.1f} {r:6.2f}')
+    print(f'  median ratio, shards / folder: {result["median_ratio"]:.2f}')
+
+
 COMPILE_MODES = ('eager', 'default', 'max-autotune-no-cudagraphs', 'reduce-overhead')  # eager: train.compile off
 
 
@@ -191,6 +220,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--steps', type=int, default=20, help='timed optimizer steps per measurement')
     p.add_argument('--warmup', type=int, default=3, choices=range(1, 1000), metavar='N',
                    help='untimed steps first (compile, cudnn autotune, caches); at least 1')
+    p.add_argument('--compare-shards', metavar='SHARDS', help='instead: input img/s of the folder against the same '
+                                                              'images as MDS shards at SHARDS (path or s3://)')
+    p.add_argument('--rounds', type=int, default=3, help='--compare-shards: alternate measurements of each')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='write the figures here')
     p.add_argument('--compile-modes', type=compile_modes, metavar='MODE[,MODE]',
@@ -216,6 +248,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             print_compile_table(rows)
             if args.json:
                 Path(args.json).write_text(json.dumps({'recipe': recipe.name, 'compile_modes': rows}, indent=1))
+        return 0
+    if args.compare_shards:
+        # loader workers may still be reading ahead into the shard cache while the folder is removed
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:
+            runs = [build_run(variant, world, Path(scratch) / name, global_batch=batch * world.size,
+                              per_device_batch=batch)
+                    for name, variant in (('folder', recipe), ('streaming', streamed_variant(
+                        recipe, args.compare_shards, Path(scratch) / 'cache')))]
+            result = shard_comparison(*runs, args.steps, args.warmup, args.rounds)
+        if world.is_main:
+            print(f'{recipe.name} input pipeline @{recipe.data.img_size}, batch {batch}, {recipe.data.num_workers} '
+                  f'workers: {recipe.data.data_dir} against {args.compare_shards}')
+            print_shard_comparison(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps({'recipe': recipe.name, 'workers': recipe.data.num_workers,
+                                                       'batch': batch, 'steps': args.steps, **result}, indent=1))
         return 0
     with tempfile.TemporaryDirectory() as scratch:  # the run writes nothing worth keeping
         run = build_run(recipe, world, Path(scratch), global_batch=batch * world.size, per_device_batch=batch)

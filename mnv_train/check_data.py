@@ -56,9 +56,13 @@ def find_images(root: Path) -> tuple[list[Path], int]:
 
 def decode_error(path: Path) -> Optional[str]:
     """Why the harness cannot decode this file, or None; returns instead of raising, so one bad file stops nothing."""
-    name = str(path)
+    return why_unreadable(path, str(path))
+
+
+def why_unreadable(source, name: str) -> Optional[str]:
+    """decode_error for a path or a file object (an image inside a tar or an idx file), named `name`."""
     try:
-        open_image(path, name)
+        open_image(source, name)
     except UserError as e:
         message = one_line(e)
         prefix = f'cannot read image {name}: '

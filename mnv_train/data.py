@@ -7,9 +7,13 @@ with any number of loader workers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
+import io
 import itertools
+import json
 import math
+import os
 import random
 import struct
 from dataclasses import dataclass
@@ -183,6 +187,123 @@ class TimmImages:
             return f'sample {index}'
 
 
+class DataUnavailable(UserError):
+    """The data cannot be reached at all (a shard missing, a storage endpoint down, credentials refused): unlike one
+    undecodable image, no replacement sample helps, so replacing_unreadable lets it stop the run."""
+
+
+class StreamedImages:
+    """One split of MDS shards written by `python -m mnv_train.shard` (raw encoded image bytes and a label), read
+    by index through Mosaic's StreamingDataset (streaming-community), which downloads each shard whole into
+    data.local on its first use.
+
+    Read by index, not iterated: the order is EpochSampler's, as for an image folder, so the job's micro-batches,
+    exact resume on any world size, evaluation without padding and replacing unreadable images are the folder
+    path's, and a sample decodes and augments as its file would. The cost is that the first epoch touches the shards
+    in random order: its first batches wait for many whole-shard downloads, and data.local must hold the whole split
+    (no cache limit is set, since evicting shards read in random order would download them again and again).
+    StreamingDataset's own order (shard-local shuffling) would read them in sequence, but gives another
+    order per world size unless num_canonical_nodes, the shuffle and the global batch are pinned, and resumes from
+    its own state rather than from our step. benchmarks/results/streaming/summary.md measures what reading by index
+    costs.
+    """
+
+    def __init__(self, remote: str, local: str, split: str):
+        streaming = import_streaming()
+        check_writable_cache(local)
+        clean_stale_shared_memory_once()
+        self.remote, self.split = remote, split
+        try:
+            self.dataset = streaming.StreamingDataset(remote=remote, local=local, split=split, shuffle=False,
+                                                      download_retry=1, download_timeout=30)
+        except Exception as e:  # storage clients raise their own types (botocore, google, azure): all end here
+            raise DataUnavailable(f'cannot open the shards of split {split!r} at data.remote {remote}: '
+                                  f'{storage_error(e)}') from None
+        self.num_classes = manifest_classes(streaming, remote, local)
+
+    def __len__(self):
+        return self.dataset.num_samples
+
+    def read_bytes(self, index: int) -> tuple[bytes, int]:
+        try:
+            sample = self.dataset.get_item(index)
+        except Exception as e:  # a shard missing or unreachable, whatever the storage client raised
+            shard = self.dataset.shards[self.dataset.spanner[index][0]]
+            raise DataUnavailable(f'cannot read shard {shard.file_pairs[0][0].basename} of {self.remote}/{self.split} '
+                                  f'({self.describe(index)}): {storage_error(e)}') from None
+        return sample['image'], int(sample['label'])
+
+    def load(self, index: int):
+        encoded, label = self.read_bytes(index)
+        return open_image(io.BytesIO(encoded), self.describe(index)), label
+
+    def describe(self, index: int) -> str:
+        return f'{self.remote}/{self.split} sample {index}'
+
+
+def import_streaming():
+    """The streaming package, an optional dependency (pip install -e '.[streaming]'), imported on use."""
+    try:
+        import streaming
+    except ImportError:
+        raise UserError('data.dataset streaming needs Mosaic\'s StreamingDataset: pip install -e \'.[streaming]\' '
+                        '(streaming-community)') from None
+    return streaming
+
+
+def storage_error(error: BaseException) -> str:
+    """One line on a failed download. StreamingDataset words S3's 403 as 'not found', so the status code, kept on
+    botocore's error, tells the user which of the two to fix."""
+    response = getattr(error, 'response', None)
+    code = response.get('Error', {}).get('Code') if isinstance(response, dict) else None
+    if code in ('403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch'):
+        return f'access denied (S3 error {code}): check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE) and the ' \
+               f'bucket\'s permissions'
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def check_writable_cache(local: str):
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'data.local {local}: cannot create the shard cache ({e.strerror or e})') from None
+    if not os.access(local, os.W_OK | os.X_OK):
+        raise UserError(f'data.local {local} is not writable: the shards are downloaded there; choose a folder on '
+                        f'a local disk that this user can write')
+
+
+@functools.lru_cache(maxsize=None)
+def clean_stale_shared_memory_once():
+    """StreamingDataset's shared memory left by a killed run would be taken for a live one's. Its cleaner is a
+    collective (a barrier): every rank calls it once, before its first dataset, since later it would unlink the
+    memory of the datasets this process already opened. It unlinks every StreamingDataset block on the node, a
+    live job's too, so one streaming job per node."""
+    from streaming.base.util import clean_stale_shared_memory  # optional, as in import_streaming
+    clean_stale_shared_memory()
+    # it stops at the first free slot, and a killed run's registry of its local folders past one makes the next
+    # StreamingDataset on those folders refuse them ('Reused local directory'): those registries go too
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+        for registry in Path('/dev/shm').glob('[0-9][0-9][0-9][0-9][0-9][0-9]_locals'):
+            registry.unlink(missing_ok=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def manifest_classes(streaming, remote: str, local: str) -> Optional[int]:
+    """The number of classes from the shard writer's manifest.json beside the splits, None without one."""
+    path = os.path.join(local, 'manifest.json')
+    try:
+        if not os.path.exists(path):  # each process to its own file first: ranks may download it at once
+            streaming.base.storage.CloudDownloader.direct_download(os.path.join(remote, 'manifest.json'),
+                                                                   f'{path}.{os.getpid()}', 30)
+            os.replace(f'{path}.{os.getpid()}', path)
+        with open(path) as f:
+            return int(json.load(f)['num_classes'])
+    except Exception:  # no manifest (shards written by another tool): model.num_classes then says it
+        return None
+
+
 SPLIT_SYNONYMS = ({'train', 'training'}, {'val', 'valid', 'validation', 'eval', 'evaluation'})  # as timm's
 
 
@@ -204,6 +325,8 @@ def open_source(cfg: DataConfig, split: str, seed: int):
         return SyntheticImages(size, cfg.synthetic_classes, cfg.img_size, seed, training)
     if cfg.dataset in ('fashion_mnist', 'fmnist'):
         return FashionMNIST(cfg.data_dir, split)
+    if cfg.dataset == 'streaming':
+        return StreamedImages(cfg.remote, cfg.local, split)
     return TimmImages(cfg.dataset, cfg.data_dir, split, training)
 
 
@@ -280,6 +403,8 @@ def replacing_unreadable(source, index: int, make):
         candidate = (index + skipped) % len(source)
         try:
             return make(candidate), skipped
+        except DataUnavailable:
+            raise
         except UserError as e:
             logs.warn_every_rank(f'{e}; skipped it, sample {(candidate + 1) % len(source)} takes its place')
     raise UserError(f'{MAX_CONSECUTIVE_BAD} unreadable images in a row from {source.describe(index)}: check the '

@@ -19,7 +19,7 @@ import yaml
 
 from .errors import UserError
 
-DATASETS = ('synthetic', 'fashion_mnist', 'fmnist', 'folder')  # besides hfds/NAME; see data.open_source
+DATASETS = ('synthetic', 'fashion_mnist', 'fmnist', 'folder', 'streaming')  # besides hfds/NAME; see data.open_source
 RECIPES_DIR = Path(__file__).resolve().parent / 'recipes'  # package data; the checkout's ./recipes links here
 
 
@@ -66,6 +66,8 @@ class ModelConfig:
 class DataConfig:
     dataset: str = 'synthetic'  # synthetic | fashion_mnist | folder | a timm dataset name ('hfds/...')
     data_dir: Optional[str] = None
+    remote: Optional[str] = None  # streaming: MDS shards from python -m mnv_train.shard (s3://bucket/path, a folder)
+    local: Optional[str] = None  # streaming: cache folder the shards are downloaded to (a local disk)
     train_split: str = 'train'
     val_split: str = 'validation'
     img_size: int = _f(224, ge=8)
@@ -374,6 +376,9 @@ def _check_consistency(recipe: Recipe):
     if dataset.split('/')[0] in ('tfds', 'wds', 'hfids'):
         raise UserError(f'data.dataset {dataset!r}: iterable datasets cannot be resumed exactly; '
                         f'use an image folder or hfds/')
+    if dataset == 'streaming' and not (recipe.data.remote and recipe.data.local):
+        raise UserError('data.dataset streaming needs data.remote (where the shards are: s3://bucket/path or a '
+                        'folder) and data.local (a cache folder on a local disk)')
     if dataset not in DATASETS and not dataset.startswith('hfds/'):
         close = difflib.get_close_matches(dataset, DATASETS, n=1, cutoff=0.5)
         hint = f'did you mean {close[0]!r}? ' if close else ''

@@ -172,13 +172,13 @@ def restore(run, payload: dict, source: str) -> list[str]:
 
 # Recipe keys that only extend or observe a run: changing them on resume is reported, not refused. Anything else
 # (model, optimizer, LR, augmentation, batch, precision) changes what the run computes from here on.
-OBSERVING_KEYS = ('name', 'description', 'provenance.*', 'schedule.epochs', 'data.data_dir', 'data.num_workers',
-                  'data.val_split', 'data.eval_img_size', 'data.crop_pct', 'data.interpolation', 'data.extra_evals',
-                  'data.synthetic_val_size', 'data.max_bad_fraction', 'model.pretrained_path', 'train.batch_size',
-                  'train.log_every', 'train.eval_every', 'train.keep_checkpoints', 'train.keep_best_checkpoints',
-                  'train.checkpoint_every_steps', 'train.checkpoint_every_minutes', 'train.max_bad_steps',
-                  'train.lock_stale_minutes', 'train.wandb', 'train.wandb.*', 'train.mlflow', 'train.mlflow.*',
-                  'train.fit_check_images', 'train.eval_suite')
+OBSERVING_KEYS = ('name', 'description', 'provenance.*', 'schedule.epochs', 'data.data_dir', 'data.local',
+                  'data.num_workers', 'data.val_split', 'data.eval_img_size', 'data.crop_pct', 'data.interpolation',
+                  'data.extra_evals', 'data.synthetic_val_size', 'data.max_bad_fraction', 'model.pretrained_path',
+                  'train.batch_size', 'train.log_every', 'train.eval_every', 'train.keep_checkpoints',
+                  'train.keep_best_checkpoints', 'train.checkpoint_every_steps', 'train.checkpoint_every_minutes',
+                  'train.max_bad_steps', 'train.lock_stale_minutes', 'train.wandb', 'train.wandb.*', 'train.mlflow',
+                  'train.mlflow.*', 'train.fit_check_images', 'train.eval_suite')
 
 
 def recipe_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any, bool]]:

@@ -11,7 +11,7 @@ from mnv_train import recipe as recipes
 from conftest import REPO
 
 # the only imports allowed inside a function (nvidia: DALI)
-OPTIONAL_HEAVY = {'matplotlib', 'onnxruntime', 'wandb', 'mlflow', 'nvidia'}
+OPTIONAL_HEAVY = {'matplotlib', 'onnxruntime', 'wandb', 'mlflow', 'nvidia', 'streaming'}
 
 
 def test_the_import_graph_has_no_cycle_and_no_package_import_inside_a_function():
