@@ -143,19 +143,6 @@ def run_folder(output: Optional[str], recipe: recipes.Recipe, resume_path: Optio
     return Path('runs') / recipe.name
 
 
-def on_rank_0(world: distributed.World, action, what: str):
-    """action() on rank 0 alone (None elsewhere); a UserError there stops every rank, not rank 0 alone."""
-    result, refusal = None, None
-    if world.is_main:
-        try:
-            result = action()
-        except UserError as e:
-            refusal = e
-    if world.sum([float(refusal is not None)])[0]:
-        raise refusal or UserError(f'rank 0 could not {what}')
-    return result
-
-
 @contextlib.contextmanager
 def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, force: bool):
     """Rank 0 holds the run folder's lock while the run writes into it; every rank stops if it cannot."""
@@ -165,7 +152,7 @@ def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, 
         if warning:
             logs.warn(warning)
         return lock
-    lock = on_rank_0(world, take, f'lock {run_dir}')
+    lock = world.run_on_main(take, f'lock {run_dir}')
     try:
         yield lock
     finally:
@@ -178,9 +165,15 @@ def check_shared_folder(run_dir: Path, world: distributed.World):
     node-local disks each node would see a folder of its own; rank 0 writes a probe file and every rank looks."""
     if not world.distributed:
         return
-    probe = run_dir / f'.probe-{os.getpid()}-{time.time_ns()}' if world.is_main else None
-    if probe is not None:
-        probe.write_text('every rank of the run looks for this file at start\n')
+
+    def write_probe() -> Path:
+        probe = run_dir / f'.probe-{os.getpid()}-{time.time_ns()}'
+        try:
+            probe.write_text('every rank of the run looks for this file at start\n')
+        except OSError as e:
+            raise UserError(f'cannot write into the run folder {run_dir}: {e.strerror or e}') from None
+        return probe
+    probe = world.run_on_main(write_probe, 'check that every rank sees the run folder')
     name = world.broadcast_from_main(probe.name if probe is not None else None)
     blind = [rank for rank, seen in enumerate(world.gather((run_dir / name).is_file())) if not seen]
     if probe is not None:
@@ -194,8 +187,8 @@ def start_trackers(run: Run, payload: Optional[dict]):
     """The recipe's W&B / MLflow runs, on rank 0: new ones, or the checkpoint's continued. One that cannot start
     stops the run here, before it trains."""
     cfg, ids = run.recipe.train, (payload or {}).get('trackers') or {}
-    run.metrics.trackers = on_rank_0(run.world, lambda: open_trackers(cfg.wandb, cfg.mlflow, run.run_dir,
-                                                                       run.recipe.to_dict(), ids), 'start trackers')
+    run.metrics.trackers = run.world.run_on_main(lambda: open_trackers(cfg.wandb, cfg.mlflow, run.run_dir,
+                                                                        run.recipe.to_dict(), ids), 'start trackers')
 
 
 def refuse_to_overwrite(run_dir: Path, resume: Optional[str]):

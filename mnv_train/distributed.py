@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, summary
 
 
 @dataclass
@@ -57,6 +57,25 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
+
+    def run_on_main(self, action, what: str):
+        """action() on rank 0 alone, its result there (None elsewhere); every rank must call. When it raises, rank 0
+        raises that error (a UserError as one line, anything else with its traceback) and every other rank stops
+        with a one-line UserError saying rank 0 could not `what`, instead of waiting for rank 0 in its next
+        collective until the process group's timeout."""
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except Exception as e:
+                failure = e
+        if self.distributed:
+            told = self.broadcast_from_main(None if failure is None else summary(failure))
+            if told is not None and not self.is_main:
+                raise UserError(f'rank 0 could not {what}: {told}')
+        if failure is not None:
+            raise failure
+        return result
 
     def gather(self, value) -> list:
         """Every rank's value (any picklable object), in rank order, over the host-side group."""

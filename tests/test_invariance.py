@@ -1,5 +1,6 @@
 """A run is a function of its recipe and seed, not of its world size: the same optimizer steps on 1 process with
 accumulation 4, 2 with 2 and 4 with 1, and across a resume that changes the world size."""
+import errno
 import functools
 import json
 import os
@@ -19,7 +20,6 @@ from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import check_shared_folder, train_main
 from mnv_train.distributed import World
-from mnv_train.errors import UserError
 
 from conftest import REPO, TINY, merge
 
@@ -127,9 +127,20 @@ def test_resume_on_another_world_size_at_a_step_boundary_continues_the_same_traj
 
 # ---------------------------------------------------------------------------------------------- nodes that agree
 
+HANG_GUARD_S = 600  # far beyond a run's few seconds: only a rank left waiting in a collective gets there
+
+
 def two_ranks(tmp_path: Path, target, *args) -> list[str]:
-    """target(world, rank, *args) on 2 spawned gloo processes: each rank's result, or its UserError, as text."""
-    torch.multiprocessing.start_processes(rank_main, args=(tmp_path, target, args), nprocs=2, start_method='spawn')
+    """target(world, rank, *args) on 2 spawned gloo processes: each rank's result, or its error, as text. A rank
+    still running after the hang guard fails the test."""
+    ranks = torch.multiprocessing.start_processes(rank_main, args=(tmp_path, target, args), nprocs=2, join=False,
+                                                  start_method='spawn')
+    for process in ranks.processes:
+        process.join(timeout=HANG_GUARD_S)
+    hung = [rank for rank, process in enumerate(ranks.processes) if process.is_alive()]
+    for rank in hung:
+        ranks.processes[rank].kill()
+    assert not hung, f'rank(s) {hung} still waiting after {HANG_GUARD_S} s'
     return [(tmp_path / f'rank{rank}.out').read_text() for rank in range(2)]
 
 
@@ -137,8 +148,8 @@ def rank_main(rank: int, tmp_path: Path, target, args):
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=rank, world_size=2)
     try:
         out = repr(target(World(rank=rank, size=2, control=dist.group.WORLD), rank, *args))
-    except UserError as e:
-        out = f'UserError: {e}'
+    except Exception as e:
+        out = f'{type(e).__name__}: {e}'
     finally:
         dist.destroy_process_group()
     (tmp_path / f'rank{rank}.out').write_text(out)
@@ -168,6 +179,14 @@ def test_a_run_folder_that_some_rank_cannot_see_is_refused_in_one_line(tmp_path)
     assert two_ranks(tmp_path, probe_shared_folder, shared) == ['[]', '[]']  # accepted, and the probe is gone
 
 
+def test_a_rank_0_that_cannot_write_the_probe_stops_every_rank_in_one_line(tmp_path):
+    (tmp_path / 'node0').write_text('a file where rank 0 expects its run folder')
+    (tmp_path / 'node1').mkdir()
+    said = two_ranks(tmp_path, probe_own_folder, tmp_path)
+    assert said[0] == f'UserError: cannot write into the run folder {tmp_path / "node0"}: Not a directory'
+    assert said[1] == f'UserError: rank 0 could not check that every rank sees the run folder: {said[0][11:]}'
+
+
 def write_checkpoint(folder: Path, step: int, marker: float):
     """A checkpoint with every part a run resumes from (contents beside the point here)."""
     parts = {part: {'value': torch.tensor(marker)} for part in checkpoint.RUN_PARTS}
@@ -194,6 +213,23 @@ def test_rank_0_chooses_the_resume_checkpoint_and_ranks_that_loaded_another_stop
     assert refusals[0] == refusals[1]
     assert refusals[0].startswith('UserError: rank 1 did not load the checkpoint rank 0 chose, '
                                   'checkpoints/step-00000004.pt (step 4, sha256 ')
+
+
+def resume_from_a_stale_listing(world: World, rank: int, root: Path):
+    """Rank 0's listing of the checkpoints fails with an error that is not a UserError, as on an NFS mount whose
+    folder was replaced."""
+    checkpointer = checkpoint.Checkpointer(root / 'checkpoints', 2, world.is_main)
+
+    def stale_listing():
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+    checkpointer.latest_valid = stale_listing
+    return resume.agreed_checkpoint(checkpointer, world)
+
+
+def test_an_unexpected_error_while_rank_0_chooses_the_checkpoint_stops_every_rank(tmp_path):
+    said = two_ranks(tmp_path, resume_from_a_stale_listing, tmp_path)
+    assert said[0] == 'OSError: [Errno 116] Stale file handle'  # with its traceback, as any error not the user's
+    assert said[1] == 'UserError: rank 0 could not choose the checkpoint to resume from: ' + said[0]
 
 
 def compiled_and_eager_losses(world: World, rank: int, root: Path) -> dict:
