@@ -20,7 +20,7 @@ from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_
 from .errors import UserError
 from .eval_suite import evaluate_suite, set_paths
 from .evaluation import EvalSetting, Weights, eval_setting, evaluate_weights, load_weights
-from .optim import plan_batch
+from .optim import plan_batch, trajectory_note
 from .report import suite_json_name, suite_table, write_report
 from .runlock import RunLock
 from .tracking import open_trackers
@@ -80,7 +80,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         refuse_to_overwrite(run_dir, mode)
         run = build_run(recipe, world, run_dir, args.global_batch, args.batch_size)
         payload = resume_run(run, mode, payload, resume_path, args.allow_recipe_change)
-        announce(run)
+        announce(run, fresh=payload is None)
         start_trackers(run, payload)
         try:
             fit(run, stop_on_signals(), args.max_steps, lock)
@@ -236,12 +236,16 @@ def check_recipe_changes(saved: dict, recipe: recipes.Recipe, source: Path, allo
         logs.warn(f'the recipe changed since the checkpoint: {key} {old!r} -> {new!r}')
 
 
-def announce(run: Run):
-    """recipe.yaml in the run folder, and the batch plan and the run's shape on the console."""
+def announce(run: Run, fresh: bool):
+    """recipe.yaml in the run folder, and the batch plan and the run's shape on the console; for a fresh run, a
+    warning when its per-device batch leaves the recipe's trajectory (a resume says so against the saved run)."""
     if run.world.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / 'recipe.yaml').write_text(run.recipe.to_yaml(), encoding='utf-8')
     logs.info(run.plan.report(run.recipe))
+    departure = trajectory_note(run.recipe, run.plan) if fresh else None
+    if departure:
+        logs.warn(departure)
     logs.info(f'{run.recipe.name}: {run.recipe.model.name} on {run.recipe.data.dataset}, {run.epochs} epochs x '
               f'{run.steps_per_epoch} steps, {run.world.size} process(es) on {run.world.device.type}; '
               f'output {run.run_dir}')

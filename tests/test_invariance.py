@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mnv_train import bench, checkpoint, data, engine, resume
+from mnv_train import bench, checkpoint, data, engine, optim, resume
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import check_shared_folder, train_main
@@ -286,17 +286,28 @@ def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes
         assert torch.equal(one['model'][key], two['model'][key]), key
 
 
-def test_a_resume_that_changes_the_per_device_batch_says_the_trajectory_will_differ(tmp_path, capsys):
+def trajectory_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if 'trajectory' in line]
+
+
+def test_a_run_whose_per_device_batch_leaves_the_recipe_or_the_saved_run_says_the_trajectory_will_differ(
+        tmp_path, capsys):
     recipe = tmp_path / 'invariant.yaml'
     recipe.write_text(yaml.safe_dump(merge(INVARIANT, {'data': {'img_size': 32}})))
     out = str(tmp_path / 'run')
     assert train_main(['--recipe', str(recipe), '--output', out, '--max-steps', '1', '--quiet']) == 0
-    capsys.readouterr()
+    assert trajectory_lines(capsys) == []  # the recipe's own 8 per device
     assert train_main(['--recipe', str(recipe), '--output', out, '--max-steps', '2', '--quiet', '--resume', 'auto',
                        '--batch-size', '4']) == 0
-    said = [line for line in capsys.readouterr().err.splitlines() if 'trajectory' in line]
+    said = trajectory_lines(capsys)  # against the saved run only, not a second time against the recipe
     assert len(said) == 1 and 'per-device batch changed 8 -> 4: the trajectory will differ' in said[0]
     assert last(Path(out))['plan']['accum_steps'] == 8  # the same global batch of 32
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'fresh'), '--max-steps', '1', '--quiet',
+                       '--batch-size', '4']) == 0
+    said = trajectory_lines(capsys)
+    assert len(said) == 1 and said[0].startswith(
+        'warning: per-device batch 4 (1 process(es) x accumulation 8), not the 8 that the global batch 32 gets on '
+        'one device (train.batch_size 8): the trajectory will differ from the recipe\'s reference, since ')
 
 
 def test_bench_shows_what_the_sampler_and_seeding_cost_a_step(tmp_path, capsys):
@@ -307,3 +318,11 @@ def test_bench_shows_what_the_sampler_and_seeding_cost_a_step(tmp_path, capsys):
     result = json.loads((tmp_path / 'b.json').read_text())
     assert 0 < result['sampling_s_per_step'] and 0 < result['sampling_share'] < 1
     assert 'sampler and seeding' in capsys.readouterr().out
+
+
+def test_only_a_world_size_that_cannot_keep_the_per_device_batch_leaves_the_recipe_trajectory():
+    recipe = recipes.from_dict(INVARIANT)  # 32 a step, 8 per device
+    assert [optim.trajectory_note(recipe, optim.plan_batch(recipe, world)) for world in (1, 2, 4)] == [None] * 3
+    plan = optim.plan_batch(recipe, 3)  # 3 x 2 x 6 (even for Mixup): 36, the nearest split of 32
+    assert optim.trajectory_note(recipe, plan).startswith(
+        'per-device batch 6 (3 process(es) x accumulation 2), not the 8 that the global batch 32 gets on one device')
