@@ -74,7 +74,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         report = dry_run(build_run(recipe, world, run_dir, args.global_batch, args.batch_size))
         logs.summary(report)
         return 0
-    mode = args.resume or elastic_restart()
+    mode = args.resume or restart_mode(world)
     with holding_lock(run_dir, world, recipe.train.lock_stale_minutes, args.force_unlock) as lock:
         check_shared_folder(run_dir, world)
         refuse_to_overwrite(run_dir, mode)
@@ -197,11 +197,18 @@ def refuse_to_overwrite(run_dir: Path, resume: Optional[str]):
                         f'or --output for a new one')
 
 
-def elastic_restart() -> Optional[str]:
-    """'auto' when torchrun restarted this worker (--max-restarts): carry on from the newest valid checkpoint."""
-    restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+def restart_mode(world: distributed.World) -> Optional[str]:
+    """'auto' when torchrun restarted the workers (--max-restarts): carry on from the newest valid checkpoint.
+
+    Every rank resumes when any was restarted: with several agents (nodes), an agent whose own workers were healthy
+    restarts them for its peer's rejoin without counting a restart (TORCHELASTIC_RESTART_COUNT stays 0 there)."""
+    restarts = max(world.gather(int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))))
     if restarts:
         logs.info(f'torchrun restarted the workers (restart {restarts}): resuming from the newest valid checkpoint')
+    if distributed.restarts_share_a_store(os.environ):
+        logs.warn('torchrun may restart these workers on several nodes, and its agents share one store across '
+                  'restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every agent, or a restarted node can '
+                  'read its peers\' addresses of an earlier attempt and fail to connect')
     return 'auto' if restarts else None
 
 

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from mnv_train.build import build_run
 from mnv_train.cli import check_shared_folder, train_main
 from mnv_train.distributed import World
 
-from conftest import REPO, TINY, merge
+from conftest import REPO, TINY, assert_same_training_state, merge, wait_for
 
 # a model with BatchNorm, dropout and drop-path; RandAugment per sample; Mixup+CutMix and erasing per micro-batch.
 # SGD at a small LR, and BatchNorm over 8 images of at least 2 x 2: the runs differ in the order of floating-point
@@ -284,6 +285,39 @@ def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes
     assert two['state']['step'] == one['state']['step'] == 8
     for key in one['model']:
         assert torch.equal(one['model'][key], two['model'][key]), key
+
+
+def worker_of(agent: subprocess.Popen) -> int:
+    """The one training process a torchrun agent of one process runs (read from /proc)."""
+    children = Path(f'/proc/{agent.pid}/task/{agent.pid}/children').read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_a_node_whose_worker_is_killed_rejoins_and_the_pair_ends_bit_identical(tmp_path):
+    """kill -9 of one node's worker: both agents restart (--max-restarts 1), every rank resumes from the newest
+    checkpoint, and the run ends as an uninterrupted one. Each attempt's rank 0 hosts its own store
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as README asks for restarts across nodes)."""
+    recipe = tmp_path / 'nodes.yaml'
+    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {
+        'data': {'img_size': 32, 'synthetic_train_size': 256}, 'schedule': {'epochs': 1, 'warmup_epochs': 0.1},
+        'train': {'global_batch_size': 16, 'log_every': 1000, 'checkpoint_every_steps': 2}})))  # 16 steps
+    torchrun(2, '--recipe', recipe, '--output', tmp_path / 'whole')
+    nodes, out = f'--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{free_port()}', tmp_path / 'killed'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+    agents = [subprocess.Popen(torchrun_command(1, '--recipe', recipe, '--output', out, nodes=nodes, restarts=1),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    wait_for(out / 'checkpoints' / 'step-00000004.pt.json', agents[1])
+    os.kill(worker_of(agents[1]), signal.SIGKILL)
+    logs = []
+    for agent in agents:
+        logs.append(agent.communicate(timeout=600)[0])  # a hang guard only: the restarted run takes about 90 s
+        assert agent.returncode == 0, logs[-1][-3000:]
+    assert 'failed (exitcode: -9)' in logs[1]  # the kill came before the end, and the run resumed (a fresh start
+    # in a folder with checkpoints is refused)
+    assert last(out)['state']['step'] == 16
+    assert_same_training_state(out / 'checkpoints' / 'last.pt', tmp_path / 'whole' / 'checkpoints' / 'last.pt')
 
 
 def trajectory_lines(capsys) -> list[str]:
