@@ -308,12 +308,16 @@ def test_a_node_whose_worker_is_killed_rejoins_and_the_pair_ends_bit_identical(t
     agents = [subprocess.Popen(torchrun_command(1, '--recipe', recipe, '--output', out, nodes=nodes, restarts=1),
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for _ in range(2)]
-    wait_for(out / 'checkpoints' / 'step-00000004.pt.json', agents[1])
-    os.kill(worker_of(agents[1]), signal.SIGKILL)
-    logs = []
-    for agent in agents:
-        logs.append(agent.communicate(timeout=600)[0])  # a hang guard only: the restarted run takes about 90 s
-        assert agent.returncode == 0, logs[-1][-3000:]
+    try:
+        wait_for(out / 'checkpoints' / 'step-00000004.pt.json', agents[1])
+        os.kill(worker_of(agents[1]), signal.SIGKILL)
+        logs = [agent.communicate(timeout=600)[0] for agent in agents]  # a hang guard only: this takes about 90 s
+    finally:
+        for agent in agents:  # after a hang, none left behind: on SIGTERM an agent stops its worker
+            if agent.poll() is None:
+                agent.terminate()
+    for agent, log in zip(agents, logs):
+        assert agent.returncode == 0, log[-3000:]
     assert 'failed (exitcode: -9)' in logs[1]  # the kill came before the end, and the run resumed (a fresh start
     # in a folder with checkpoints is refused)
     assert last(out)['state']['step'] == 16
