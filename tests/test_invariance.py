@@ -235,8 +235,9 @@ def test_an_unexpected_error_while_rank_0_chooses_the_checkpoint_stops_every_ran
 
 def compiled_and_eager_losses(world: World, rank: int, root: Path) -> dict:
     """The losses of 3 steps of the same DDP run, eager and under torch.compile. On this CPU inductor took about
-    8 minutes to compile and draws dropout from its own generator, so the graphs run through AOTAutograd with
-    eager kernels: the same DDP graph splitting and compiled backward, without the C++ build."""
+    8 minutes to compile (without dropout and drop-path, 2 processes: 268 s for the first forward alone) and draws
+    dropout from its own generator, so the graphs run through AOTAutograd with eager kernels: the same DDP graph
+    splitting and compiled backward, without the C++ build."""
     torch.compile = functools.partial(torch.compile, backend='aot_eager')  # this spawned process only
     losses = {}
     for compiled in (False, True):
