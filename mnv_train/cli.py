@@ -20,7 +20,7 @@ from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_
 from .errors import UserError
 from .eval_suite import evaluate_suite, set_paths
 from .evaluation import EvalSetting, Weights, chosen_weights, eval_setting, evaluate_weights, load_weights
-from .optim import plan_batch
+from .optim import plan_batch, trajectory_note
 from .report import suite_json_name, suite_table, write_report
 from .runlock import RunLock
 from .tracking import open_trackers
@@ -74,13 +74,13 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         report = dry_run(build_run(recipe, world, run_dir, args.global_batch, args.batch_size))
         logs.summary(report)
         return 0
-    mode = args.resume or elastic_restart()
+    mode = args.resume or restart_mode(world)
     with holding_lock(run_dir, world, recipe.train.lock_stale_minutes, args.force_unlock) as lock:
         check_shared_folder(run_dir, world)
         refuse_to_overwrite(run_dir, mode)
         run = build_run(recipe, world, run_dir, args.global_batch, args.batch_size)
         payload = resume_run(run, mode, payload, resume_path, args.allow_recipe_change)
-        announce(run)
+        announce(run, fresh=payload is None)
         start_trackers(run, payload)
         try:
             fit(run, stop_on_signals(), args.max_steps, lock)
@@ -143,19 +143,6 @@ def run_folder(output: Optional[str], recipe: recipes.Recipe, resume_path: Optio
     return Path('runs') / recipe.name
 
 
-def on_rank_0(world: distributed.World, action, what: str):
-    """action() on rank 0 alone (None elsewhere); a UserError there stops every rank, not rank 0 alone."""
-    result, refusal = None, None
-    if world.is_main:
-        try:
-            result = action()
-        except UserError as e:
-            refusal = e
-    if world.sum([float(refusal is not None)])[0]:
-        raise refusal or UserError(f'rank 0 could not {what}')
-    return result
-
-
 @contextlib.contextmanager
 def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, force: bool):
     """Rank 0 holds the run folder's lock while the run writes into it; every rank stops if it cannot."""
@@ -165,7 +152,7 @@ def holding_lock(run_dir: Path, world: distributed.World, stale_minutes: float, 
         if warning:
             logs.warn(warning)
         return lock
-    lock = on_rank_0(world, take, f'lock {run_dir}')
+    lock = world.run_on_main(take, f'lock {run_dir}')
     try:
         yield lock
     finally:
@@ -178,9 +165,15 @@ def check_shared_folder(run_dir: Path, world: distributed.World):
     node-local disks each node would see a folder of its own; rank 0 writes a probe file and every rank looks."""
     if not world.distributed:
         return
-    probe = run_dir / f'.probe-{os.getpid()}-{time.time_ns()}' if world.is_main else None
-    if probe is not None:
-        probe.write_text('every rank of the run looks for this file at start\n')
+
+    def write_probe() -> Path:
+        probe = run_dir / f'.probe-{os.getpid()}-{time.time_ns()}'
+        try:
+            probe.write_text('every rank of the run looks for this file at start\n')
+        except OSError as e:
+            raise UserError(f'cannot write into the run folder {run_dir}: {e.strerror or e}') from None
+        return probe
+    probe = world.run_on_main(write_probe, 'check that every rank sees the run folder')
     name = world.broadcast_from_main(probe.name if probe is not None else None)
     blind = [rank for rank, seen in enumerate(world.gather((run_dir / name).is_file())) if not seen]
     if probe is not None:
@@ -194,8 +187,8 @@ def start_trackers(run: Run, payload: Optional[dict]):
     """The recipe's W&B / MLflow runs, on rank 0: new ones, or the checkpoint's continued. One that cannot start
     stops the run here, before it trains."""
     cfg, ids = run.recipe.train, (payload or {}).get('trackers') or {}
-    run.metrics.trackers = on_rank_0(run.world, lambda: open_trackers(cfg.wandb, cfg.mlflow, run.run_dir,
-                                                                       run.recipe.to_dict(), ids), 'start trackers')
+    run.metrics.trackers = run.world.run_on_main(lambda: open_trackers(cfg.wandb, cfg.mlflow, run.run_dir,
+                                                                        run.recipe.to_dict(), ids), 'start trackers')
 
 
 def refuse_to_overwrite(run_dir: Path, resume: Optional[str]):
@@ -204,11 +197,18 @@ def refuse_to_overwrite(run_dir: Path, resume: Optional[str]):
                         f'or --output for a new one')
 
 
-def elastic_restart() -> Optional[str]:
-    """'auto' when torchrun restarted this worker (--max-restarts): carry on from the newest valid checkpoint."""
-    restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+def restart_mode(world: distributed.World) -> Optional[str]:
+    """'auto' when torchrun restarted the workers (--max-restarts): carry on from the newest valid checkpoint.
+
+    Every rank resumes when any was restarted: with several agents (nodes), an agent whose own workers were healthy
+    restarts them for its peer's rejoin without counting a restart (TORCHELASTIC_RESTART_COUNT stays 0 there)."""
+    restarts = max(world.gather(int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))))
     if restarts:
         logs.info(f'torchrun restarted the workers (restart {restarts}): resuming from the newest valid checkpoint')
+    if distributed.restarts_share_a_store(os.environ):
+        logs.warn('torchrun may restart these workers on several nodes, and its agents share one store across '
+                  'restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every agent, or a restarted node can '
+                  'read its peers\' addresses of an earlier attempt and fail to connect')
     return 'auto' if restarts else None
 
 
@@ -243,12 +243,16 @@ def check_recipe_changes(saved: dict, recipe: recipes.Recipe, source: Path, allo
         logs.warn(f'the recipe changed since the checkpoint: {key} {old!r} -> {new!r}')
 
 
-def announce(run: Run):
-    """recipe.yaml in the run folder, and the batch plan and the run's shape on the console."""
+def announce(run: Run, fresh: bool):
+    """recipe.yaml in the run folder, and the batch plan and the run's shape on the console; for a fresh run, a
+    warning when its per-device batch leaves the recipe's trajectory (a resume says so against the saved run)."""
     if run.world.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / 'recipe.yaml').write_text(run.recipe.to_yaml(), encoding='utf-8')
     logs.info(run.plan.report(run.recipe))
+    departure = trajectory_note(run.recipe, run.plan) if fresh else None
+    if departure:
+        logs.warn(departure)
     logs.info(f'{run.recipe.name}: {run.recipe.model.name} on {run.recipe.data.dataset}, {run.epochs} epochs x '
               f'{run.steps_per_epoch} steps, {run.world.size} process(es) on {run.world.device.type}; '
               f'output {run.run_dir}')

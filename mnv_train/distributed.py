@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, summary
 
 
 @dataclass
@@ -57,6 +57,25 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
+
+    def run_on_main(self, action, what: str):
+        """action() on rank 0 alone, its result there (None elsewhere); every rank must call. When it raises, rank 0
+        raises that error (a UserError as one line, anything else with its traceback) and every other rank stops
+        with a one-line UserError saying rank 0 could not `what`, instead of waiting for rank 0 in its next
+        collective until the process group's timeout."""
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except Exception as e:
+                failure = e
+        if self.distributed:
+            told = self.broadcast_from_main(None if failure is None else summary(failure))
+            if told is not None and not self.is_main:
+                raise UserError(f'rank 0 could not {what}: {told}')
+        if failure is not None:
+            raise failure
+        return result
 
     def gather(self, value) -> list:
         """Every rank's value (any picklable object), in rank order, over the host-side group."""
@@ -137,11 +156,26 @@ def init(device: str = 'auto') -> World:
 
 
 def attempt_store(rank: int, size: int, timeout: timedelta) -> dist.Store:
-    """torch's env:// store, with keys private to this torchrun attempt. torchrun keeps one agent store across
-    restarts, so without the prefix a restarted rank can read the previous attempt's gloo address of its peer
-    and fail with "Connection refused" (about one restart in two on this machine)."""
+    """torch's env:// store, with keys private to this torchrun attempt when the store outlives attempts.
+
+    By default torchrun keeps one agent store across restarts; without the prefix a restarted rank can read the
+    previous attempt's gloo address of its peer and fail with "Connection refused" (about one restart in two on
+    this machine). The prefix counts this agent's restarts, which agents on other nodes do not share (see
+    restarts_share_a_store). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each attempt's rank 0 hosts a new store:
+    no prefix is needed, and none is used, since ranks whose agents counted differently would never meet."""
     store, _, _ = next(dist.rendezvous('env://', rank=rank, world_size=size, timeout=timeout))
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return store
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def restarts_share_a_store(env: dict) -> bool:
+    """Whether torchrun may restart workers on several nodes while its agents keep one store. An agent restarts
+    healthy workers when a peer node rejoins without counting a restart, so the attempt prefixes of the nodes
+    part: the first restarted attempt reads its peers' addresses from an older one (seen: "Connection refused"
+    until the restarts ran out)."""
+    return (env.get('TORCHELASTIC_USE_AGENT_STORE') == 'True' and int(env.get('GROUP_WORLD_SIZE', '1')) > 1
+            and int(env.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0)
 
 
 def stop_with_parent():

@@ -14,3 +14,9 @@ def one_line(error: BaseException) -> str:
     last = lines[-1] if lines else type(error).__name__
     prefix = f'{UserError.__module__}.{UserError.__name__}: '
     return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def summary(error: BaseException) -> str:
+    """One line for any error: a UserError's message, or another error's type and message (for the ranks that did
+    not meet it, while the rank that did keeps its traceback)."""
+    return one_line(error) if isinstance(error, UserError) else f'{type(error).__name__}: {one_line(error)}'

@@ -32,6 +32,7 @@ class BatchPlan:
     per_device: int
     accum_steps: int
     recipe_global_batch: int
+    asked_global_batch: int  # the recipe's, or --global-batch
     lr: float
     lr_rule: str
     ema_decay: float
@@ -82,8 +83,22 @@ def plan_batch(recipe: Recipe, world_size: int, global_batch: Optional[int] = No
     rule = lr_scale_rule(recipe.optim)
     power = {'linear': 1.0, 'sqrt': 0.5, 'none': 0.0}[rule]
     return BatchPlan(world_size=world_size, per_device=fitted, accum_steps=accum, recipe_global_batch=reference,
-                     lr=recipe.optim.lr * ratio ** power, lr_rule=rule, ema_decay=recipe.ema.decay ** ratio,
-                     ema_start_step=round(recipe.ema.start_step / ratio), notes=notes)
+                     asked_global_batch=target, lr=recipe.optim.lr * ratio ** power, lr_rule=rule,
+                     ema_decay=recipe.ema.decay ** ratio, ema_start_step=round(recipe.ema.start_step / ratio),
+                     notes=notes)
+
+
+def trajectory_note(recipe: Recipe, plan: BatchPlan) -> Optional[str]:
+    """A line for a run whose per-device batch is not the one its global batch gets on one device. The trajectory is
+    the same for any world size and accumulation at that per-device batch; another one regroups the images."""
+    reference = plan_batch(recipe, 1, plan.asked_global_batch).per_device
+    if plan.per_device == reference:
+        return None
+    return (f'per-device batch {plan.per_device} ({plan.world_size} process(es) x accumulation {plan.accum_steps}), '
+            f'not the {reference} that the global batch {plan.asked_global_batch} gets on one device (train.batch_size '
+            f'{recipe.train.batch_size}): the trajectory will differ from the recipe\'s reference, since the '
+            f'micro-batches change (which images share BatchNorm statistics and Mixup/CutMix pairs, and the random '
+            f'draws of each); any world size and accumulation at {reference} per device would keep it')
 
 
 def even_split(target: int, world_size: int, min_accum: int, max_per_device: int) -> tuple[int, int]:

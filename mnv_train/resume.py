@@ -17,7 +17,7 @@ import torch
 from . import checkpoint
 from . import model as models
 from .distributed import World
-from .errors import UserError
+from .errors import UserError, summary
 from .recipe import flatten
 
 
@@ -87,17 +87,19 @@ def agreed_checkpoint(checkpointer: checkpoint.Checkpointer, world: World) -> Op
     rank loads the path it was sent, and the ranks compare the step and sha256 they loaded. Any disagreement
     stops every rank in one line (ranks that resumed from different states would train on silently).
     """
-    found = checkpointer.latest_valid() if world.is_main else None
+    found = world.run_on_main(checkpointer.latest_valid, 'choose the checkpoint to resume from')
     chosen = world.broadcast_from_main(str(found[0]) if found is not None else None)
     if chosen is None:
         return None
-    path, payload = Path(chosen), found[1] if found is not None else None
+    path, payload, failure = Path(chosen), found[1] if found is not None else None, None
     try:
         payload = payload or checkpoint.load(path, needs=checkpoint.RUN_PARTS)
         view = (payload['state']['step'], checkpoint.read_manifest(path)['sha256'])
-    except UserError as e:  # reported below, on every rank, rather than leaving the others waiting
-        view = str(e)
+    except Exception as e:  # reported below, on every rank, rather than leaving the others waiting
+        failure, view = e, summary(e)
     views = world.gather(view)
+    if failure is not None and not isinstance(failure, UserError):
+        raise failure  # a bug keeps its traceback on its rank; the others stop in one line below
     for rank, view in enumerate(views):
         if view != views[0] or not isinstance(view, tuple):
             raise UserError(f'rank {rank} did not load the checkpoint rank 0 chose, {path} ({describe(views[0])}), '

@@ -232,3 +232,25 @@ def test_each_torchrun_attempt_has_its_own_store_keys(monkeypatch):
     assert not second.check(['rank_0_address'])
     second.set('rank_0_address', 'fresh')
     assert first.get('rank_0_address') == b'stale'
+
+
+def test_a_store_new_to_each_attempt_gets_no_prefix_so_differently_counted_nodes_meet(monkeypatch):
+    """TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 of each attempt hosts a new store, and an agent that restarted
+    its workers for a peer's rejoin has not counted a restart: the ranks must meet whatever their counts."""
+    host = torch.distributed.TCPStore('127.0.0.1', 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(host.port))
+    monkeypatch.setenv('TORCHELASTIC_USE_AGENT_STORE', 'False')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    uncounted = distributed.attempt_store(1, 2, timedelta(seconds=5))  # rank 1: a client of the host above
+    uncounted.set('rank_1_address', 'here')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    assert distributed.attempt_store(1, 2, timedelta(seconds=5)).get('rank_1_address') == b'here'
+
+
+def test_restarts_across_nodes_on_the_shared_store_are_named():
+    shared = {'TORCHELASTIC_USE_AGENT_STORE': 'True', 'GROUP_WORLD_SIZE': '2', 'TORCHELASTIC_MAX_RESTARTS': '1'}
+    assert distributed.restarts_share_a_store(shared)
+    for safe in ({'TORCHELASTIC_USE_AGENT_STORE': 'False'}, {'GROUP_WORLD_SIZE': '1'},
+                 {'TORCHELASTIC_MAX_RESTARTS': '0'}):
+        assert not distributed.restarts_share_a_store({**shared, **safe})

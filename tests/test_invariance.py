@@ -1,9 +1,11 @@
 """A run is a function of its recipe and seed, not of its world size: the same optimizer steps on 1 process with
 accumulation 4, 2 with 2 and 4 with 1, and across a resume that changes the world size."""
+import errno
 import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,14 +16,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mnv_train import bench, checkpoint, data, engine, resume
+from mnv_train import bench, checkpoint, data, engine, optim, resume
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import check_shared_folder, train_main
 from mnv_train.distributed import World
-from mnv_train.errors import UserError
 
-from conftest import REPO, TINY, merge
+from conftest import REPO, TINY, assert_same_training_state, merge, wait_for
 
 # a model with BatchNorm, dropout and drop-path; RandAugment per sample; Mixup+CutMix and erasing per micro-batch.
 # SGD at a small LR, and BatchNorm over 8 images of at least 2 x 2: the runs differ in the order of floating-point
@@ -127,9 +128,20 @@ def test_resume_on_another_world_size_at_a_step_boundary_continues_the_same_traj
 
 # ---------------------------------------------------------------------------------------------- nodes that agree
 
+HANG_GUARD_S = 600  # far beyond a run's few seconds: only a rank left waiting in a collective gets there
+
+
 def two_ranks(tmp_path: Path, target, *args) -> list[str]:
-    """target(world, rank, *args) on 2 spawned gloo processes: each rank's result, or its UserError, as text."""
-    torch.multiprocessing.start_processes(rank_main, args=(tmp_path, target, args), nprocs=2, start_method='spawn')
+    """target(world, rank, *args) on 2 spawned gloo processes: each rank's result, or its error, as text. A rank
+    still running after the hang guard fails the test."""
+    ranks = torch.multiprocessing.start_processes(rank_main, args=(tmp_path, target, args), nprocs=2, join=False,
+                                                  start_method='spawn')
+    for process in ranks.processes:
+        process.join(timeout=HANG_GUARD_S)
+    hung = [rank for rank, process in enumerate(ranks.processes) if process.is_alive()]
+    for rank in hung:
+        ranks.processes[rank].kill()
+    assert not hung, f'rank(s) {hung} still waiting after {HANG_GUARD_S} s'
     return [(tmp_path / f'rank{rank}.out').read_text() for rank in range(2)]
 
 
@@ -137,8 +149,8 @@ def rank_main(rank: int, tmp_path: Path, target, args):
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=rank, world_size=2)
     try:
         out = repr(target(World(rank=rank, size=2, control=dist.group.WORLD), rank, *args))
-    except UserError as e:
-        out = f'UserError: {e}'
+    except Exception as e:
+        out = f'{type(e).__name__}: {e}'
     finally:
         dist.destroy_process_group()
     (tmp_path / f'rank{rank}.out').write_text(out)
@@ -166,6 +178,14 @@ def test_a_run_folder_that_some_rank_cannot_see_is_refused_in_one_line(tmp_path)
     shared.mkdir()
     (tmp_path / 'rendezvous').unlink(missing_ok=True)
     assert two_ranks(tmp_path, probe_shared_folder, shared) == ['[]', '[]']  # accepted, and the probe is gone
+
+
+def test_a_rank_0_that_cannot_write_the_probe_stops_every_rank_in_one_line(tmp_path):
+    (tmp_path / 'node0').write_text('a file where rank 0 expects its run folder')
+    (tmp_path / 'node1').mkdir()
+    said = two_ranks(tmp_path, probe_own_folder, tmp_path)
+    assert said[0] == f'UserError: cannot write into the run folder {tmp_path / "node0"}: Not a directory'
+    assert said[1] == f'UserError: rank 0 could not check that every rank sees the run folder: {said[0][11:]}'
 
 
 def write_checkpoint(folder: Path, step: int, marker: float):
@@ -196,10 +216,28 @@ def test_rank_0_chooses_the_resume_checkpoint_and_ranks_that_loaded_another_stop
                                   'checkpoints/step-00000004.pt (step 4, sha256 ')
 
 
+def resume_from_a_stale_listing(world: World, rank: int, root: Path):
+    """Rank 0's listing of the checkpoints fails with an error that is not a UserError, as on an NFS mount whose
+    folder was replaced."""
+    checkpointer = checkpoint.Checkpointer(root / 'checkpoints', 2, world.is_main)
+
+    def stale_listing():
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+    checkpointer.latest_valid = stale_listing
+    return resume.agreed_checkpoint(checkpointer, world)
+
+
+def test_an_unexpected_error_while_rank_0_chooses_the_checkpoint_stops_every_rank(tmp_path):
+    said = two_ranks(tmp_path, resume_from_a_stale_listing, tmp_path)
+    assert said[0] == 'OSError: [Errno 116] Stale file handle'  # with its traceback, as any error not the user's
+    assert said[1] == 'UserError: rank 0 could not choose the checkpoint to resume from: ' + said[0]
+
+
 def compiled_and_eager_losses(world: World, rank: int, root: Path) -> dict:
     """The losses of 3 steps of the same DDP run, eager and under torch.compile. On this CPU inductor took about
-    8 minutes to compile and draws dropout from its own generator, so the graphs run through AOTAutograd with
-    eager kernels: the same DDP graph splitting and compiled backward, without the C++ build."""
+    8 minutes to compile (without dropout and drop-path, 2 processes: 268 s for the first forward alone) and draws
+    dropout from its own generator, so the graphs run through AOTAutograd with eager kernels: the same DDP graph
+    splitting and compiled backward, without the C++ build."""
     torch.compile = functools.partial(torch.compile, backend='aot_eager')  # this spawned process only
     losses = {}
     for compiled in (False, True):
@@ -250,17 +288,65 @@ def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes
         assert torch.equal(one['model'][key], two['model'][key]), key
 
 
-def test_a_resume_that_changes_the_per_device_batch_says_the_trajectory_will_differ(tmp_path, capsys):
+def worker_of(agent: subprocess.Popen) -> int:
+    """The one training process a torchrun agent of one process runs (read from /proc)."""
+    children = Path(f'/proc/{agent.pid}/task/{agent.pid}/children').read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_a_node_whose_worker_is_killed_rejoins_and_the_pair_ends_bit_identical(tmp_path):
+    """kill -9 of one node's worker: both agents restart (--max-restarts 1), every rank resumes from the newest
+    checkpoint, and the run ends as an uninterrupted one. Each attempt's rank 0 hosts its own store
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as README asks for restarts across nodes)."""
+    recipe = tmp_path / 'nodes.yaml'
+    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {
+        'data': {'img_size': 32, 'synthetic_train_size': 256}, 'schedule': {'epochs': 1, 'warmup_epochs': 0.1},
+        'train': {'global_batch_size': 16, 'log_every': 1000, 'checkpoint_every_steps': 2}})))  # 16 steps
+    torchrun(2, '--recipe', recipe, '--output', tmp_path / 'whole')
+    nodes, out = f'--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{free_port()}', tmp_path / 'killed'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+    agents = [subprocess.Popen(torchrun_command(1, '--recipe', recipe, '--output', out, nodes=nodes, restarts=1),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    try:
+        wait_for(out / 'checkpoints' / 'step-00000004.pt.json', agents[1])
+        os.kill(worker_of(agents[1]), signal.SIGKILL)
+        logs = [agent.communicate(timeout=600)[0] for agent in agents]  # a hang guard only: this takes about 90 s
+    finally:
+        for agent in agents:  # after a hang, none left behind: on SIGTERM an agent stops its worker
+            if agent.poll() is None:
+                agent.terminate()
+    for agent, log in zip(agents, logs):
+        assert agent.returncode == 0, log[-3000:]
+    assert 'failed (exitcode: -9)' in logs[1]  # the kill came before the end, and the run resumed (a fresh start
+    # in a folder with checkpoints is refused)
+    assert last(out)['state']['step'] == 16
+    assert_same_training_state(out / 'checkpoints' / 'last.pt', tmp_path / 'whole' / 'checkpoints' / 'last.pt')
+
+
+def trajectory_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if 'trajectory' in line]
+
+
+def test_a_run_whose_per_device_batch_leaves_the_recipe_or_the_saved_run_says_the_trajectory_will_differ(
+        tmp_path, capsys):
     recipe = tmp_path / 'invariant.yaml'
     recipe.write_text(yaml.safe_dump(merge(INVARIANT, {'data': {'img_size': 32}})))
     out = str(tmp_path / 'run')
     assert train_main(['--recipe', str(recipe), '--output', out, '--max-steps', '1', '--quiet']) == 0
-    capsys.readouterr()
+    assert trajectory_lines(capsys) == []  # the recipe's own 8 per device
     assert train_main(['--recipe', str(recipe), '--output', out, '--max-steps', '2', '--quiet', '--resume', 'auto',
                        '--batch-size', '4']) == 0
-    said = [line for line in capsys.readouterr().err.splitlines() if 'trajectory' in line]
+    said = trajectory_lines(capsys)  # against the saved run only, not a second time against the recipe
     assert len(said) == 1 and 'per-device batch changed 8 -> 4: the trajectory will differ' in said[0]
     assert last(Path(out))['plan']['accum_steps'] == 8  # the same global batch of 32
+    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'fresh'), '--max-steps', '1', '--quiet',
+                       '--batch-size', '4']) == 0
+    said = trajectory_lines(capsys)
+    assert len(said) == 1 and said[0].startswith(
+        'warning: per-device batch 4 (1 process(es) x accumulation 8), not the 8 that the global batch 32 gets on '
+        'one device (train.batch_size 8): the trajectory will differ from the recipe\'s reference, since ')
 
 
 def test_bench_shows_what_the_sampler_and_seeding_cost_a_step(tmp_path, capsys):
@@ -271,3 +357,11 @@ def test_bench_shows_what_the_sampler_and_seeding_cost_a_step(tmp_path, capsys):
     result = json.loads((tmp_path / 'b.json').read_text())
     assert 0 < result['sampling_s_per_step'] and 0 < result['sampling_share'] < 1
     assert 'sampler and seeding' in capsys.readouterr().out
+
+
+def test_only_a_world_size_that_cannot_keep_the_per_device_batch_leaves_the_recipe_trajectory():
+    recipe = recipes.from_dict(INVARIANT)  # 32 a step, 8 per device
+    assert [optim.trajectory_note(recipe, optim.plan_batch(recipe, world)) for world in (1, 2, 4)] == [None] * 3
+    plan = optim.plan_batch(recipe, 3)  # 3 x 2 x 6 (even for Mixup): 36, the nearest split of 32
+    assert optim.trajectory_note(recipe, plan).startswith(
+        'per-device batch 6 (3 process(es) x accumulation 2), not the 8 that the global batch 32 gets on one device')
