@@ -58,9 +58,10 @@ def test_suggestion_is_the_steepest_descent_below_the_loss_minimum():
     (['--min-lr', '0.1', '--max-lr', '0.01'], 'error: --min-lr 0.1 and --max-lr 0.01: need 0 < min-lr < max-lr'),
     (['--set', 'optim.lr=fast'], 'error: optim.lr: expected a number'),
 ])
-def test_bad_input_is_one_line(write_recipe, args, message, capsys):
+def test_bad_input_is_one_line(write_recipe, args, message, capfd):
+    """capfd, not capsys: what a library writes to fd 2 reaches the user too."""
     assert main(['--recipe', str(write_recipe()), *args]) == 2
-    lines = capsys.readouterr().err.splitlines()
+    lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
