@@ -155,7 +155,9 @@ def ramp_lines(sizes: list[int], step_at: dict, steps_per_epoch: int, global_bat
              f'  {"size":>6} {"epochs":>7} {"share":>6} {"img/s":>8} {"time":>10}']
     for size in sorted(step_at):
         epochs = sizes.count(size)
-        lines.append(f'  {size:>6} {epochs:>7} {100 * epochs / len(sizes):>5.0f}% {global_batch / step_at[size]:>8.0f} '
+        rate = global_batch / step_at[size]
+        digits = '.0f' if rate >= 10 else '.2g'  # a large model on a CPU runs below 1 img/s
+        lines.append(f'  {size:>6} {epochs:>7} {100 * epochs / len(sizes):>5.0f}% {rate:>8{digits}} '
                      f'{duration(epochs * steps_per_epoch * step_at[size]):>10}')
     ramped, constant = sum(step_at[size] for size in sizes), full_size_step * len(sizes)
     lines.append(f'  against every epoch at {max(sizes)} px ({duration(constant * steps_per_epoch)}): '

@@ -63,8 +63,8 @@ def test_dry_run_times_each_ramp_size_and_evaluations_share(write_recipe, tmp_pa
                            'data': {'extra_evals': [[24, 1.0]]}, 'train': {'extra_eval_every': 2}})
     assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--dry-run']) == 0
     text = capsys.readouterr().out
-    rows = re.findall(r'^ +(16|24|32) +1 +33% +(\d+) +\S+ s$', text, re.M)  # 16, 24, 32 px: an epoch each
-    assert [size for size, _ in rows] == ['16', '24', '32'] and all(int(rate) > 0 for _, rate in rows), text
+    rows = re.findall(r'^ +(16|24|32) +1 +33% +([\d.e+-]+) +\S+ s$', text, re.M)  # 16, 24, 32 px: an epoch each
+    assert [size for size, _ in rows] == ['16', '24', '32'] and all(float(rate) > 0 for _, rate in rows), text
     assert re.search(r'against every epoch at 32 px \(.+\): .+ saved, -?\d+ % of the training time', text)
     # 3 evaluations of raw and EMA weights at 32 px; 24 px after epoch 2 and the last; the fit check every time
     assert re.search(r'evaluation: about .+, \d+\.\d % of the run\'s estimated time \(3 evaluations; 32 px x 6, '
