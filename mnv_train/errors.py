@@ -12,8 +12,11 @@ def one_line(error: BaseException) -> str:
     """The message of a UserError, also when a DataLoader worker re-raised it with its traceback inside."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else type(error).__name__
-    prefix = f'{UserError.__module__}.{UserError.__name__}: '
-    return last[len(prefix):] if last.startswith(prefix) else last
+    for kind in {UserError, type(error)} if isinstance(error, UserError) else {UserError}:
+        prefix = f'{kind.__module__}.{kind.__qualname__}: '
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
 
 
 def summary(error: BaseException) -> str:

@@ -64,7 +64,8 @@ def due(epoch: int, epochs: int, every: int) -> bool:
 def sets_due(run, epoch: int) -> list[EvalSet]:
     """The sets evaluated after `epoch`: the recipe's eval size every time; data.extra_evals every
     train.extra_eval_every epochs and the fit check (run.fit_check) every train.fit_check_every epochs, both always
-    after the last. A 448 px pass costs more than the 384 px one, and its curve is not needed every epoch."""
+    after the last (called only after epochs train.eval_every evaluates). A 448 px pass costs more than the 384 px
+    one, and its curve is not needed every epoch."""
     train = run.recipe.train
     sets = [s for s in run.evals if not s.name or due(epoch, run.epochs, train.extra_eval_every)]
     if run.fit_check is not None and due(epoch, run.epochs, train.fit_check_every):

@@ -225,8 +225,10 @@ class TrainConfig:
     # cuBLAS included, so a GPU run resumes bit-identically, at a cost in speed; false = cuDNN autotuning (fast)
     deterministic: bool = False
     eval_every: int = _f(1, ge=1)  # epochs
-    extra_eval_every: int = _f(1, ge=1)  # epochs between evaluations of data.extra_evals; the last one always
-    fit_check_every: int = _f(1, ge=1)  # epochs between fit checks (train.fit_check_images); the last one always
+    # Epochs between evaluations of data.extra_evals and between fit checks (train.fit_check_images); the last epoch
+    # always. Both run only after epochs that train.eval_every evaluates: choose multiples of it.
+    extra_eval_every: int = _f(1, ge=1)
+    fit_check_every: int = _f(1, ge=1)
     log_every: int = _f(50, ge=1)  # optimizer steps
     keep_checkpoints: int = _f(2, ge=1)  # step checkpoints kept besides last and best
     keep_best_checkpoints: int = _f(0, ge=0)  # also keep the k best-evaluated ones (python -m mnv_train.average)
@@ -411,9 +413,9 @@ def _check_train_size_ramp(recipe: Recipe):
     if ramp.start_size >= img_size:
         raise UserError(f'schedule.train_size_ramp.start_size ({ramp.start_size}) must be below data.img_size '
                         f'({img_size}): the ramp ends at data.img_size')
-    if not ramp.start_epoch < ramp.end_epoch <= epochs:
+    if not ramp.start_epoch < ramp.end_epoch < epochs:
         raise UserError(f'schedule.train_size_ramp: expected start_epoch ({ramp.start_epoch}) < end_epoch '
-                        f'({ramp.end_epoch}) <= the run\'s {epochs} epochs')
+                        f'({ramp.end_epoch}) < the run\'s {epochs} epochs (end_epoch is the first at data.img_size)')
     if recipe.data.pipeline == 'dali' or recipe.data.decode == 'device':
         raise UserError('schedule.train_size_ramp runs with data.pipeline host and data.decode host only: set '
                         'train_size_ramp null or use the host pipeline')

@@ -180,7 +180,8 @@ OBSERVING_KEYS = ('name', 'description', 'provenance.*', 'schedule.epochs', 'dat
                   'train.batch_size', 'train.log_every', 'train.eval_every', 'train.keep_checkpoints',
                   'train.keep_best_checkpoints', 'train.checkpoint_every_steps', 'train.checkpoint_every_minutes',
                   'train.max_bad_steps', 'train.lock_stale_minutes', 'train.wandb', 'train.wandb.*', 'train.mlflow',
-                  'train.mlflow.*', 'train.fit_check_images', 'train.eval_suite')
+                  'train.mlflow.*', 'train.fit_check_images', 'train.eval_suite', 'train.extra_eval_every',
+                  'train.fit_check_every', 'data.eval_persistent_workers')
 
 
 def recipe_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any, bool]]:

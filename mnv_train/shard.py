@@ -80,7 +80,12 @@ def tar_samples(root: Path, split: str) -> tuple[Optional[int], Iterator[tuple[s
                 image = next((parts[s] for s in ('jpg', 'jpeg', 'png', 'webp') if s in parts), None)
                 if image is None or 'cls' not in parts:
                     raise UserError(f'{path}: sample {key} lacks an image or its .cls label ({sorted(parts)})')
-                yield f'{path.name}:{key}', image, int(parts['cls'].decode().strip())
+                try:
+                    label = int(parts['cls'].decode().strip())
+                except (UnicodeDecodeError, ValueError):
+                    raise UserError(f'{path}: sample {key} has a .cls that is not a whole number: '
+                                    f'{parts["cls"][:20]!r}') from None
+                yield f'{path.name}:{key}', image, label
     return None, samples()
 
 
@@ -93,7 +98,7 @@ def open_samples(src: Path, split: str):
     return 'folder', *folder_samples(src, split)
 
 
-def write_split(samples, count: Optional[int], out: Path, shard_size: str) -> dict:
+def write_split(samples, count: Optional[int], out: Path, shard_size: int) -> dict:
     """Writes the readable samples to `out` as MDS; returns the split's part of the manifest."""
     streaming = data.import_streaming()
     per_class, unreadable, total = Counter(), [], 0
@@ -112,6 +117,16 @@ def write_split(samples, count: Optional[int], out: Path, shard_size: str) -> di
             'unreadable': unreadable}
 
 
+def shard_size(text: str) -> int:
+    """--shard-size in StreamingDataset's own units, checked here rather than deep inside its writer."""
+    data.import_streaming()
+    from streaming.base.util import bytes_to_int
+    try:
+        return bytes_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a size such as 64mb, got {text!r}') from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog='python -m mnv_train.shard', description=__doc__.split('\n\n')[0])
     p.add_argument('src', type=Path, metavar='SRC', help='image folder, folder of timm-layout .tar shards, or '
@@ -119,8 +134,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('dest', type=Path, metavar='DEST', help='output: one MDS folder per split, and manifest.json')
     p.add_argument('--splits', nargs='+', default=['train', 'validation'], help='splits to write (default: train '
                                                                                 'validation)')
-    p.add_argument('--shard-size', default='64mb', help='largest shard, e.g. 64mb (StreamingDataset downloads whole '
-                                                        'shards)')
+    p.add_argument('--shard-size', type=shard_size, default='64mb',
+                   help='largest shard, e.g. 64mb (StreamingDataset downloads whole shards)')
     return p
 
 

@@ -277,6 +277,14 @@ def test_adding_the_suite_on_resume_is_reported_not_refused():
     assert resume.recipe_changes(saved, changed) == [('train.eval_suite', 'none', 'imagenet', True)]
 
 
+def test_changing_the_evaluation_cadence_on_resume_is_reported_not_refused():
+    saved = recipes.from_dict(TINY).to_dict()
+    cadence = merge(saved, {'train': {'extra_eval_every': 10, 'fit_check_every': 10},
+                            'data': {'eval_persistent_workers': True}})
+    assert all(observes for *_, observes in resume.recipe_changes(saved, cadence))  # evaluation only: not refused
+    assert len(resume.recipe_changes(saved, cadence)) == 3
+
+
 def test_a_checkpoint_and_a_finished_run_choose_ema_or_raw_weights_by_one_rule(tmp_path):
     recipe, raw, ema, path = recipes.from_dict(TINY), {'w': torch.zeros(1)}, {'w': torch.ones(1)}, tmp_path / 'last.pt'
     picked = {(choice, has_ema): chosen_weights(recipe, raw, ema if has_ema else None, path, None, choice)

@@ -29,7 +29,8 @@ def test_unknown_section_is_named():
     ({'data': {'extra_evals': [[448]]}}, r'data.extra_evals: expected \[img_size, crop_pct\] pairs'),
     ({'schedule': {'train_size_ramp': {'start_size': 32, 'end_epoch': 1}}}, r'start_size \(32\) must be below '
      r'data.img_size \(32\)'),
-    ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 3}}}, r'end_epoch \(3\) <= the run\'s 2'),
+    ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 3}}}, r'end_epoch \(3\) < the run\'s 2'),
+    ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 2}}}, r'end_epoch \(2\) < the run\'s 2'),
     ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 1}}, 'data': {'decode': 'device'}},
      r'train_size_ramp runs with data.pipeline host and data.decode host only'),
 ])

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from test_invariance import largest_difference, torchrun_command
 
-from mnv_train import bench, checkpoint, data, shard
+from mnv_train import bench, checkpoint, data, errors, shard
 from mnv_train import recipe as recipes
 from mnv_train.cli import train_main
 from mnv_train.errors import UserError
@@ -128,6 +128,28 @@ def test_timm_tars_and_fashion_mnist_shard_to_their_own_samples(tmp_path, tiny_f
     for i in range(len(original)):
         (a, label_a), (b, label_b) = original.load(i), streamed.load(i)
         assert label_a == label_b and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_tar_label_that_is_no_number_and_a_bad_shard_size_are_one_line(tmp_path, capfd):
+    tars = tmp_path / 'wds'
+    tars.mkdir()
+    with tarfile.open(tars / 'imagenet1k-train-0000.tar', 'w') as tar:
+        for suffix, payload in (('jpg', jpeg(np.random.default_rng(2))), ('cls', b'tabby')):
+            info = tarfile.TarInfo(f'n042.{suffix}')
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    for extra, culprit in (([], "sample n042 has a .cls that is not a whole number: b'tabby'"),
+                           (['--shard-size', 'sixty'], "expected a size such as 64mb, got 'sixty'")):
+        assert shard.main([str(tars), str(tmp_path / f'out{len(extra)}'), '--splits', 'train', *extra]) == 2
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and culprit in lines[0], lines
+
+
+def test_a_data_unavailable_error_re_raised_from_a_loader_worker_is_its_own_one_line():
+    error = data.DataUnavailable('Caught DataUnavailable in DataLoader worker process 0.\nOriginal Traceback (most '
+                                 'recent call last):\n  File "x.py", line 1, in f\nmnv_train.data.DataUnavailable: '
+                                 'cannot read shard s3://bucket/train/shard.00000.mds')
+    assert errors.one_line(error) == 'cannot read shard s3://bucket/train/shard.00000.mds'
 
 
 # ---------------------------------------------------------------------------------------------- reading and training
