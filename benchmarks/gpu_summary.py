@@ -34,7 +34,6 @@ END_TO_END_SHARE = 0.9  # end to end >= 90 % of min(model only, input pipeline)
 HYBRID_TARGET = 2000.0  # img/s per H100, mnv4_hybrid_large @384 bf16, end to end
 BENCH_LABELS = {  # bench id -> what it measures, in the order of the summary table
     'conv_small_224_host': 'mnv4_conv_small @224, host decode (PIL, RandAugment)',
-    'conv_small_224_device': 'mnv4_conv_small @224, device decode (nvJPEG, no RandAugment)',
     'hybrid_large_384_eager': 'mnv4_hybrid_large @384, bf16, channels_last, eager',
     'hybrid_large_384_compiled': 'mnv4_hybrid_large @384, bf16, channels_last, train.compile',
 }

@@ -1,5 +1,5 @@
-"""The input pipelines a run or a tool builds from a recipe: training (JPEG decode on the host or on the device)
-and the evaluation loaders at every eval size."""
+"""The input pipelines a run or a tool builds from a recipe: training (on the host, or on NVIDIA DALI) and the
+evaluation loaders at every eval size."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import dali_pipeline, data, device_decode
+from . import dali_pipeline, data
 from .distributed import World
 from .recipe import DataConfig, Recipe
 
@@ -60,21 +60,14 @@ def fit_check_set(recipe: Recipe, train_source, norm: data.Normalization, world:
 
 def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: data.Normalization, world: World,
                    batch_size: int):
-    """(loader, device input) for training: PIL on the host, JPEG decode on the device (data.decode), or DALI
-    (data.pipeline)."""
-    channels_last = recipe.train.channels_last
+    """(loader, device input) for training: PIL and timm's transforms in loader workers, or DALI (data.pipeline)."""
+    device_input = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
     if recipe.data.pipeline == 'dali':
         loader = dali_pipeline.DaliLoader(source, sampler, batch_size, recipe.data, recipe.aug, recipe.train.seed,
                                           world.device)
-        return loader, data.DeviceNormalize(norm, world.device, channels_last)
-    if recipe.data.decode == 'device':
-        dataset = device_decode.EncodedDataset(source, device_decode.CropPlanner(recipe.aug), recipe.data.img_size)
-        collate = device_decode.collate
-        device_input = device_decode.DeviceDecode(norm, world.device, channels_last, recipe.data.img_size)
-    else:
-        sized = {size: data.train_transform(recipe.data, recipe.aug, norm, size) for size in set(sampler.sizes or ())}
-        dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm), sized)
-        collate, device_input = data.collate, data.DeviceNormalize(norm, world.device, channels_last)
+        return loader, device_input
+    sized = {size: data.train_transform(recipe.data, recipe.aug, norm, size) for size in set(sampler.sizes or ())}
+    dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm), sized)
     loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
-                              pin_memory=world.device.type == 'cuda', collate_fn=collate)
+                              pin_memory=world.device.type == 'cuda')
     return loader, device_input

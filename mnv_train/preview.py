@@ -46,7 +46,7 @@ def runs_dali(run: Run) -> bool:
 
 def recipe_rand_augment(run: Run) -> Optional[RandAugment]:
     """The host transform's RandAugment; under DALI, which runs the same ops in timm's list and ranges on whole
-    batches, the one the host transform would hold; none with device decode, which has no RandAugment."""
+    batches, the one the host transform would hold."""
     if runs_dali(run):
         norm = data.resolve_normalization(run.recipe.data, run.module)
         return find_rand_augment(data.train_transform(run.recipe.data, run.recipe.aug, norm))

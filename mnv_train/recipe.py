@@ -82,7 +82,6 @@ class DataConfig:
     # eval set and rank for the whole run, against a worker start-up per evaluation
     eval_persistent_workers: bool = False
     max_bad_fraction: float = _f(0.001, ge=0, le=1)  # unreadable training images an epoch may skip, as a share
-    decode: Literal['host', 'device'] = 'host'  # device: JPEG decode + crop + flip on the training device
     pipeline: Literal['host', 'dali'] = 'host'  # dali: NVIDIA DALI decodes and augments (pip install -e '.[dali]')
     synthetic_train_size: int = _f(512, ge=1)
     synthetic_val_size: int = _f(128, ge=1)
@@ -416,13 +415,30 @@ def _check_train_size_ramp(recipe: Recipe):
     if not ramp.start_epoch < ramp.end_epoch < epochs:
         raise UserError(f'schedule.train_size_ramp: expected start_epoch ({ramp.start_epoch}) < end_epoch '
                         f'({ramp.end_epoch}) < the run\'s {epochs} epochs (end_epoch is the first at data.img_size)')
-    if recipe.data.pipeline == 'dali' or recipe.data.decode == 'device':
-        raise UserError('schedule.train_size_ramp runs with data.pipeline host and data.decode host only: set '
-                        'train_size_ramp null or use the host pipeline')
+    if recipe.data.pipeline == 'dali':
+        raise UserError('schedule.train_size_ramp runs with data.pipeline host only: set train_size_ramp null or use '
+                        'the host pipeline')
+
+
+# keys taken out of the schema -> (the value every recipe saved before held, which is dropped, so old checkpoints and
+# run folders still load; what to use instead of any other value)
+RETIRED = {('data', 'decode'): ('host', 'decoding on the device did not beat the host pipeline end to end; '
+                                        'data.pipeline dali decodes on the GPU and runs RandAugment there: set it, '
+                                        'or drop data.decode')}
+
+
+def _without_retired(data: dict) -> dict:
+    for (section, key), (saved, instead) in RETIRED.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part:
+            if part[key] != saved:
+                raise UserError(f'{section}.{key} {part[key]!r} was retired: {instead}')
+            data = {**data, section: {name: value for name, value in part.items() if name != key}}
+    return data
 
 
 def from_dict(data: dict) -> Recipe:
-    recipe = _build(Recipe, data, '')
+    recipe = _build(Recipe, _without_retired(data) if isinstance(data, dict) else data, '')
     _check_consistency(recipe)
     return recipe
 

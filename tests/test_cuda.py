@@ -1,5 +1,5 @@
-"""The CUDA paths, each against a reference computed in the same test: AMP, fused AdamW, side-stream prefetch, JPEG
-decode on the device, torch.compile, NCCL, and exact resume on the GPU.
+"""The CUDA paths, each against a reference computed in the same test: AMP, fused AdamW, side-stream prefetch,
+torch.compile, NCCL, and exact resume on the GPU.
 
 Every test is skipped without a CUDA device; benchmarks/gpu_check.sh runs them with `pytest -m cuda`. Each bound is
 stated where it is checked. Each measured gap is printed (pytest -rA shows it) and, when $MNV_CUDA_MEASURE names a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
 import math
 import os
@@ -20,21 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from test_resume import LONGER, start_training
 
-from mnv_train import checkpoint, data, device_decode, distributed
+from mnv_train import checkpoint, data, distributed
 from mnv_train import model as models
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import train_main
 from mnv_train.optim import create_optimizer
-from mnv_train.recipe import AugConfig
 
 from conftest import REPO, TINY, merge, wait_for
 
@@ -250,77 +245,6 @@ def test_side_stream_prefetch_yields_exactly_the_batches_of_the_synchronous_path
                    max(float((a.cpu() - b).abs().max()) for (a, _, _), (b, _, _) in zip(synchronous, on_cpu)),
                    '<= 1e-5')
     assert gap <= 1e-5
-
-
-# ---------------------------------------------------------------------------------------------- device decode
-
-class Files:
-    """A folder-like source of encoded images (data.TimmImages' read_bytes interface)."""
-
-    def __init__(self, items: list):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def read_bytes(self, index: int):
-        return self.items[index], index % 4
-
-    def describe(self, index: int) -> str:
-        return f'file{index}'
-
-
-def photo_files(count: int) -> list:
-    """Crops of matplotlib's sample photo at ImageNet's usual sizes, saved at quality 90: real detail, so decoders
-    and resampling filters differ as much as they do on ImageNet. Sample 5 is grayscale, sample 7 a PNG (finished
-    on the host)."""
-    photo = Image.open(Path(matplotlib.__file__).parent / 'mpl-data' / 'sample_data' / 'grace_hopper.jpg')
-    photo = photo.convert('RGB')
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(count):
-        x, y = int(rng.integers(0, 200)), int(rng.integers(0, 200))
-        image = photo.crop((x, y, x + 300, y + 380)).resize((375, 500) if i % 4 == 0 else (500, 375), Image.BICUBIC)
-        buffer = io.BytesIO()
-        (image.convert('L') if i == 5 else image).save(buffer, 'PNG' if i == 7 else 'JPEG', quality=90)
-        files.append(buffer.getvalue())
-    return files
-
-
-def test_jpeg_decode_on_the_gpu_crops_and_flips_like_the_host_path(measured):
-    files = photo_files(16)
-    dataset = device_decode.EncodedDataset(Files(files), device_decode.CropPlanner(AugConfig()), img_size=64)
-    samples = [dataset[(i, 1000 + i)] for i in range(len(files))]
-    plans = [plan for _, _, plan, *_ in samples]
-    batch = device_decode.collate(samples)
-    assert batch.boxes.tolist() == [[p.top, p.left, p.height, p.width] for p in plans]
-    assert torch.equal(device_decode.collate([dataset[(i, 1000 + i)] for i in range(len(files))]).boxes, batch.boxes)
-    assert batch.finished.tolist() == [i == 7 for i in range(16)]
-    assert 0 < sum(p.flip for p in plans) < 16  # flipped and unflipped samples both checked
-
-    norm = data.Normalization((0.0,) * 3, (1 / 255,) * 3)  # leaves pixels on the 0..255 scale
-    on_gpu = device_decode.DeviceDecode(norm, CUDA, channels_last=True, img_size=64)
-    gpu_images, gpu_labels, gpu_skipped = on_gpu(batch)
-    prefetched = [images for images, _, _ in data.device_batches([batch, batch], on_gpu)]  # side stream, as training
-    cpu_images, cpu_labels, cpu_skipped = device_decode.DeviceDecode(norm, CPU, False, 64)(batch)
-    host = torch.stack([plan.apply_on_host(Image.open(io.BytesIO(f)), 64) for plan, f in zip(plans, files)]).float()
-
-    assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
-    assert gpu_labels.tolist() == cpu_labels.tolist() == batch.labels.tolist()
-    assert gpu_skipped == cpu_skipped == 0
-    gpu = gpu_images.cpu().contiguous()
-    assert all(torch.equal(images.cpu().contiguous(), gpu) for images in prefetched)
-    assert torch.equal(gpu[7], host[7])  # the PNG was cropped on the host: the same pixels, moved
-    decoder = (gpu - cpu_images).abs()
-    filters = (gpu - host).abs()
-    # nvJPEG against libjpeg-turbo, with the same crop code after it: torchvision's own test allows a mean of 2
-    # levels between the two decoders on whole images; a wrong box or flip would differ by tens of levels
-    assert measured('GPU vs CPU decode (same crop), mean |difference| in 0..255', decoder.mean(), '<= 2') <= 2
-    assert measured('GPU vs CPU decode (same crop), max |difference|', decoder.max(), '<= 48') <= 48
-    # against PIL's bicubic/bilinear resize of the same box: roi_align averages bilinear samples instead, which
-    # differs most on sharp edges (measured on CPU for these photos: mean 1.7, max 38)
-    assert measured('GPU crop vs host PIL crop, mean |difference|', filters.mean(), '<= 4') <= 4
-    assert measured('GPU crop vs host PIL crop, max |difference|', filters.max(), '<= 80') <= 80
 
 
 # ---------------------------------------------------------------------------------------------- compile

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import sys
 
@@ -48,9 +49,22 @@ class JpegFiles:
         return f'file{index}.jpg'
 
 
-def loader(source, auto_augment=RAND_AUGMENT, seed=0) -> dali_pipeline.DaliLoader:
+class RecordedReads(JpegFiles):
+    """JpegFiles that notes the id of the process reading, at every read."""
+
+    def __init__(self, count: int, log):
+        super().__init__(count)
+        self.log = log
+
+    def read_bytes(self, index):
+        with open(self.log, 'a') as log:
+            log.write(f'{os.getpid()}\n')
+        return super().read_bytes(index)
+
+
+def loader(source, auto_augment=RAND_AUGMENT, seed=0, workers=1) -> dali_pipeline.DaliLoader:
     sampler = data.EpochSampler(len(source), rank=0, world_size=1, seed=seed)
-    return dali_pipeline.DaliLoader(source, sampler, BATCH, DataConfig(img_size=24, num_workers=1),
+    return dali_pipeline.DaliLoader(source, sampler, BATCH, DataConfig(img_size=24, num_workers=workers),
                                     AugConfig(auto_augment=auto_augment, train_interpolation='bicubic'), seed,
                                     torch.device('cpu'))
 
@@ -100,6 +114,21 @@ def test_dali_batches_hold_the_host_samplers_indices_in_its_order(two_epochs):
         assert torch.cat([labels for _, labels, _ in batches]).tolist() == [index for index, _ in host]
 
 
+def test_dalis_python_workers_read_the_files_not_the_training_process(tmp_path):
+    log = tmp_path / 'reads'
+    labels = [label for _, batch, _ in epoch(loader(RecordedReads(8, log), auto_augment=None, workers=2), 0)
+              for label in batch.tolist()]
+    readers = set(log.read_text().split())
+    assert sorted(labels) == list(range(8)) and readers and str(os.getpid()) not in readers
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_the_batches_are_the_same_whatever_the_number_of_workers(two_epochs, workers):
+    _, first, _, _, _ = two_epochs  # read by one worker
+    for (a, la, _), (b, lb, _) in zip(first, epoch(loader(JpegFiles(16), workers=workers), 0), strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
 def test_dali_batches_are_uint8_chw_at_img_size_with_labels_and_no_skips(two_epochs):
     _, first, _, _, _ = two_epochs
     images, labels, skipped = first[0]
@@ -137,13 +166,13 @@ def test_a_loader_from_the_same_seed_gives_the_same_batches_and_another_seed_oth
     assert not torch.equal(epoch(other, 0)[0][0], first[0][0])
 
 
-def test_a_file_no_decoder_reads_is_named_in_one_line_and_replaced_by_the_next(capsys):
+def test_a_file_no_decoder_reads_is_named_in_one_line_and_replaced_by_the_next(capfd):
     dali = loader(JpegFiles(8, broken={5}), auto_augment=None)
     labels, skipped = [], 0
     for _, batch_labels, batch_skipped in epoch(dali, 0):
         labels += batch_labels.tolist()
         skipped += batch_skipped
-    warning = [line for line in capsys.readouterr().err.splitlines() if 'file5.jpg' in line]
+    warning = [line for line in capfd.readouterr().err.splitlines() if 'file5.jpg' in line]  # a worker warned
     assert len(warning) == 1 and 'sample 6 takes its place' in warning[0]
     assert skipped == 1 and 5 not in labels and labels.count(6) == 2
 
@@ -170,11 +199,18 @@ def test_a_file_that_stops_short_stops_the_run_with_one_line_naming_it():
 
 
 def test_of_the_files_dali_may_have_failed_on_only_those_the_host_decode_fails_on_are_named():
-    source = JpegFiles(8)
+    source = JpegFiles(12)
     source.files[5] = source.files[5][:len(source.files[5]) // 3]
     dali = loader(source, auto_augment=None)
-    dali.pending.extend([[0, 1, 2, 3], [4, 5, 6, 7]])  # two batches handed to DALI, not yet out of it
-    assert dali.culprit('Failed to decode sample #1') == dali.culprit('Error in thread 0') == 'file5.jpg'
+    dali.files = dali_pipeline.EpochFiles(source, np.arange(12), first_iteration=0, batch_size=BATCH)
+    assert dali.files.in_flight(1, sample=1) == [5, 9]  # batch 1 next out, batch 2 read ahead
+    assert dali.culprit('Failed to decode sample #1', batch=0) == dali.culprit('Error in thread 0', 1) == 'file5.jpg'
+
+
+def test_a_run_of_unreadable_files_in_a_worker_stops_the_run_with_its_one_line():
+    with pytest.raises(UserError, match=f'^{data.MAX_CONSECUTIVE_BAD} unreadable images in a row') as error:
+        epoch(loader(JpegFiles(16, broken=range(16)), auto_augment=None), 0)
+    assert '\n' not in str(error.value)
 
 
 @pytest.fixture(scope='module')
@@ -193,6 +229,17 @@ def dali_recipe(write_recipe, image_folder, **train):
     return write_recipe({'data': {'dataset': 'folder', 'data_dir': str(image_folder), 'pipeline': 'dali'},
                          'aug': {'auto_augment': RAND_AUGMENT, 'train_interpolation': 'bilinear'},
                          'train': {'global_batch_size': 8, 'batch_size': 8, **train}, 'schedule': {'epochs': 2}})
+
+
+def test_spawned_workers_as_on_cuda_read_an_image_folder_in_the_samplers_order(image_folder, monkeypatch):
+    monkeypatch.setattr(dali_pipeline, 'start_method', lambda device: 'spawn')  # the source must pickle
+    source = data.TimmImages('folder', str(image_folder), 'train', training=True)
+    dali = dali_pipeline.DaliLoader(source, data.EpochSampler(len(source), rank=0, world_size=1, seed=0), 8,
+                                    DataConfig(img_size=24, num_workers=1), AugConfig(train_interpolation='bilinear'),
+                                    0, torch.device('cpu'))
+    dali.sampler.set_position(0)
+    labels = torch.cat([batch for _, batch, _ in dali]).tolist()
+    assert labels == [source.read_bytes(index)[1] for index, _ in dali.sampler]
 
 
 def test_a_dali_run_stopped_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, write_recipe,
@@ -250,7 +297,7 @@ def test_the_gpu_summary_checks_the_dali_targets_and_says_which_bound_each_row_i
 
 def test_the_gpu_checks_dry_run_runs_the_dali_rows_when_asked(tmp_path):
     from test_gpu_check import run_check
-    skipped = ('pytest_cuda bench_conv_small_224_host bench_conv_small_224_device bench_hybrid_large_384_eager fmnist '
+    skipped = ('pytest_cuda bench_conv_small_224_host bench_hybrid_large_384_eager fmnist '
                'bench_hybrid_large_384_compiled bench_hybrid_large_384_dali')
     result = run_check('--tiny', timeout=600, GPU_CHECK_OUT=str(tmp_path / 'out'), SKIP=skipped, DALI_ROWS='1')
     assert result.returncode == 0, result.stdout + result.stderr
@@ -333,7 +380,7 @@ def test_a_saved_dali_state_is_used_only_at_its_own_position_on_one_rank():
 
     from mnv_train.build import Run
     dali = loader(JpegFiles(8), auto_augment=None)
-    saved = {'taken': 4, 'dali': torch.zeros(3, dtype=torch.uint8)}
+    saved = {'taken': 4, 'iterations': 1, 'dali': torch.zeros(3, dtype=torch.uint8)}
 
     def restore(samples_seen: int, world_size: int):
         Run.restore_input(SimpleNamespace(train_loader=dali, state=SimpleNamespace(samples_seen=samples_seen),

@@ -77,6 +77,14 @@ def test_sampler_shards_ranks_and_repeats():
     assert len(repeated) == 256 and max(np.bincount([i for i, _ in repeated])) == 3
 
 
+@pytest.mark.parametrize('repeats', [0, 3])
+def test_the_samplers_indices_alone_are_those_it_yields_on_every_rank_and_from_any_step(repeats):
+    for rank in range(2):
+        sampler = data.EpochSampler(300, rank, world_size=2, seed=1, repeats=repeats, micro_batch=4, accum=3)
+        sampler.set_position(epoch=2, start=sampler.step_size * 5)
+        assert sampler.indices().tolist() == [index for index, _ in sampler]
+
+
 def test_eval_shards_count_every_sample_once():
     parts = [list(data.ShardSampler(11, rank, 3)) for rank in range(3)]
     assert sorted(i for part in parts for i, _ in part) == list(range(11))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +13,10 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import gpu_summary  # noqa: E402  (a script folder, not a package)
+import until_json  # noqa: E402
 
-STEPS = ['images', 'pytest_cuda', 'bench_conv_small_224_host', 'timm_conv_small_224', 'bench_conv_small_224_device',
-         'bench_hybrid_large_384_eager', 'fmnist', 'bench_hybrid_large_384_compiled']
+STEPS = ['images', 'pytest_cuda', 'bench_conv_small_224_host', 'timm_conv_small_224', 'bench_hybrid_large_384_eager',
+         'fmnist', 'bench_hybrid_large_384_compiled']
 
 # timm's train.py as far as the check reads it: one "Train:" log line per optimizer step, on stderr
 FAKE_TIMM_TRAIN = '''
@@ -43,6 +45,56 @@ def test_without_cuda_it_says_in_one_line_what_it_would_run_and_exits_0(tmp_path
     assert len(lines) == 1 and lines[0].startswith('gpu_check: no CUDA device here; would run: '), result.stdout
     assert 'pytest -m cuda tests/test_cuda.py' in lines[0] and 'mnv4_hybrid_large@384 bf16 compiled' in lines[0]
     assert not (tmp_path / 'out').exists()  # nothing ran, nothing was written
+
+
+def test_by_default_the_check_leaves_out_what_does_not_fit_its_9_minutes_and_skip_empty_runs_all(tmp_path):
+    default, every = (run_check(timeout=120, GPU_CHECK_OUT=str(tmp_path / 'out'), **env).stdout
+                      for env in ({}, {'SKIP': ''}))
+    run, left_out = default.split(' (left out: ')
+    assert 'DALI' in run and 'compiled DALI' in run and 'eager' not in run and 'fmnist' not in run
+    assert left_out.startswith('mnv_train.bench mnv4_hybrid_large@384 bf16 eager; train.py --recipe fmnist')
+    assert 'bf16 compiled) in at most 540 s;' in left_out  # the host pipeline's compiled row
+    assert 'left out' not in every and 'eager' in every and 'fmnist' in every
+
+
+# a command that writes its JSON, then stays on with a worker of its own, as a compiled bench did
+LINGERING = '''
+import json, os, subprocess, sys, threading
+worker = subprocess.Popen([sys.executable, '-c', 'import threading; threading.Event().wait()'])
+open(sys.argv[2], 'w').write(f'{os.getpid()} {worker.pid}')
+open(sys.argv[1], 'w').write(json.dumps({'train': 1.0}))
+threading.Event().wait()
+'''
+
+
+def gone(pid: int) -> bool:
+    """Whether the process has ended (a zombie has: only its exit status is left)."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
+    except FileNotFoundError:
+        return True
+
+
+def test_a_command_that_lingers_after_writing_its_json_is_stopped_with_its_workers_and_exits_0(tmp_path, capfd):
+    result, pids = tmp_path / 'bench.json', tmp_path / 'pids'
+    command = [sys.executable, '-c', LINGERING, str(result), str(pids)]
+    assert until_json.main([str(result), '--grace', '0', '--', *command]) == 0
+    assert 'is written and the command still ran 0 s later: stopped it' in capfd.readouterr().err
+    assert all(gone(int(pid)) for pid in pids.read_text().split())
+
+
+def test_a_command_that_ends_by_itself_keeps_its_exit_status(tmp_path):
+    assert until_json.main([str(tmp_path / 'x.json'), '--', sys.executable, '-c', 'raise SystemExit(3)']) == 3
+
+
+def test_only_whole_json_written_since_the_start_counts_as_the_result(tmp_path):
+    result = tmp_path / 'bench.json'
+    result.write_text('{"train": 1')
+    assert not until_json.written(result, since=0)  # half written
+    result.write_text('{"train": 1.0}')
+    assert until_json.written(result, since=0)
+    os.utime(result, (0, 0))  # left by an earlier run
+    assert not until_json.written(result, since=1)
 
 
 @pytest.fixture(scope='module')
@@ -142,7 +194,7 @@ def test_timeout_exit_codes_read_as_timed_out():
 
 
 def test_steps_named_in_skip_are_not_run_and_do_not_fail_the_check(tmp_path):
-    skipped = ('pytest_cuda bench_conv_small_224_host bench_conv_small_224_device bench_hybrid_large_384_eager fmnist '
+    skipped = ('pytest_cuda bench_conv_small_224_host bench_hybrid_large_384_eager fmnist '
                'bench_hybrid_large_384_compiled')
     result = run_check('--tiny', timeout=300, GPU_CHECK_OUT=str(tmp_path / 'out'), SKIP=skipped)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -31,12 +31,20 @@ def test_unknown_section_is_named():
      r'data.img_size \(32\)'),
     ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 3}}}, r'end_epoch \(3\) < the run\'s 2'),
     ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 2}}}, r'end_epoch \(2\) < the run\'s 2'),
-    ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 1}}, 'data': {'decode': 'device'}},
-     r'train_size_ramp runs with data.pipeline host and data.decode host only'),
+    ({'schedule': {'train_size_ramp': {'start_size': 16, 'end_epoch': 1}}, 'data': {'pipeline': 'dali'}},
+     r'train_size_ramp runs with data.pipeline host only'),
 ])
 def test_wrong_type_or_range_names_the_key_path(change, message):
     with pytest.raises(UserError, match=message):
         recipes.from_dict(merge(TINY, change))
+
+
+def test_data_decode_device_is_retired_in_one_line_pointing_to_dali_and_a_saved_host_value_still_loads():
+    with pytest.raises(UserError, match=r"^data.decode 'device' was retired: .*data.pipeline dali") as error:
+        recipes.load('mnv4_conv_small', ['data.decode=device'])
+    assert '\n' not in str(error.value)
+    saved = recipes.from_dict(merge(TINY, {'data': {'decode': 'host'}}))  # every recipe saved before held it
+    assert 'decode' not in saved.to_dict()['data'] and saved == recipes.from_dict(TINY)
 
 
 def test_ints_are_accepted_where_numbers_are_expected():
