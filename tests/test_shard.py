@@ -29,9 +29,10 @@ from conftest import REPO, TINY, assert_same_training_state, merge, wait_for
 
 # SGD at a small LR, per-sample RandAugment, Mixup+CutMix and erasing: as test_invariance's recipe, whose comment
 # explains why the world sizes then differ by float sums only. 72 images, 16 a step: 4 steps an epoch, 8 in all.
+# StreamingDataset's order on 2 canonical nodes, a shard's samples spread over 16 (the shards hold ~20 images each).
 STREAMED = merge(TINY, {
     'model': {'name': 'test_efficientnet', 'drop_rate': 0.1, 'drop_path_rate': 0.2},
-    'data': {'img_size': 32},
+    'data': {'img_size': 32, 'num_canonical_nodes': 2, 'shuffle_block_size': 16},
     'aug': {'auto_augment': 'rand-m9-mstd0.5', 'mixup': 0.8, 'cutmix': 1.0, 'reprob': 0.25},
     'optim': {'name': 'sgd', 'lr': 0.002},
     'train': {'global_batch_size': 16, 'batch_size': 8, 'log_every': 4, 'checkpoint_every_steps': 1},
@@ -72,8 +73,9 @@ def recipe_file(path, **data_cfg):
     return path
 
 
-def streamed_recipe(tmp_path, remote, name='streamed'):
-    return recipe_file(tmp_path / f'{name}.yaml', dataset='streaming', remote=str(remote), local=str(tmp_path / name))
+def streamed_recipe(tmp_path, remote, name='streamed', **data_cfg):
+    return recipe_file(tmp_path / f'{name}.yaml', dataset='streaming', remote=str(remote), local=str(tmp_path / name),
+                       **data_cfg)
 
 
 def train(recipe, out, *extra):
@@ -83,10 +85,12 @@ def train(recipe, out, *extra):
 
 @pytest.fixture(scope='module')
 def reference(folder, shards, tmp_path_factory):
-    """The folder run, and the same run from the local shards (the test below compares them)."""
+    """The folder run; the same run from the local shards in its order (data.stream_order samples), which the test
+    below compares with it; and the run in StreamingDataset's order (shards, the default), for the resumes."""
     root = tmp_path_factory.mktemp('reference')
     from_folder = train(recipe_file(root / 'folder.yaml', dataset='folder', data_dir=str(folder)), root / 'folder')
-    return from_folder, train(streamed_recipe(root, shards), root / 'streamed')
+    return (from_folder, train(streamed_recipe(root, shards, 'sampled', stream_order='samples'), root / 'sampled'),
+            train(streamed_recipe(root, shards), root / 'streamed'))
 
 
 # ---------------------------------------------------------------------------------------------- the shard tool
@@ -172,10 +176,40 @@ def test_a_sample_gives_the_same_augmented_tensor_from_shards_and_from_the_folde
         assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
 
 
-def test_a_run_from_shards_trains_and_evaluates_as_the_folder_run(reference):
-    from_folder, streamed = reference
+def test_a_run_from_shards_in_sample_order_trains_and_evaluates_as_the_folder_run(reference):
+    from_folder, streamed, _ = reference
     assert streamed['state']['step'] == 8 and streamed['state']['history'][-1]['top1'] is not None
     assert_same_training_state(from_folder, streamed)
+
+
+def shards_read(source, indices) -> int:
+    return len({source.dataset.spanner[i][0] for i in indices})
+
+
+def test_the_shards_order_is_streaming_datasets_own_iteration_dealt_to_ranks_as_its_partition_deals(shards, tmp_path):
+    cfg = recipes.from_dict(STREAMED).data
+    source = data.StreamedImages(str(shards), str(tmp_path / 'cache'), 'train', data.stream_shuffle(cfg, seed=3))
+    orders = [source.shard_order(epoch) for epoch in range(2)]
+    assert [sorted(order) for order in orders] == [list(range(72))] * 2 and orders[0].tolist() != orders[1].tolist()
+    iterated = [sample['image'] for sample in source.dataset]  # the library's own iteration: epoch 0, one process
+    assert iterated == [source.read_bytes(i)[0] for i in orders[0]]
+    # its partition at 2 ranks of one node, 4 samples a batch, against our sampler's micro-batches at world size 2
+    from streaming.base.batching import generate_work
+    from streaming.base.world import World as Layout
+    ours = []
+    for rank in range(2):
+        sampler = data.EpochSampler(72, rank, 2, seed=3, micro_batch=4, epoch_order=source.shard_order)
+        sampler.set_position(epoch=1)
+        ours.append([index for index, _ in sampler])
+    source.dataset.batch_size = 4
+    work = generate_work('random', source.dataset, Layout(1, 2, 1, 0), 1, 0)
+    assert [len(indices) for indices in ours] == [36, 36]
+    assert ours == [work[0, rank, 0].flatten().tolist() for rank in range(2)]
+    # the point of it: a step's 16 samples come from fewer shards than in a uniform permutation
+    sampled = data.EpochSampler(72, 0, 1, seed=3, micro_batch=16)
+    print(f'shards read by the first step: {shards_read(source, orders[0][:16])} in the shards order, '
+          f'{shards_read(source, [i for i, _ in sampled][:16])} of {len(source.dataset.shards)} in a permutation')
+    assert shards_read(source, orders[0][:16]) < shards_read(source, [i for i, _ in sampled][:16])
 
 
 def start(command):
@@ -219,7 +253,13 @@ def test_kill_9_then_resume_on_the_same_world_size_is_bit_identical(reference, s
     moved = streamed_recipe(tmp_path, shutil.copytree(shards, tmp_path / 'copy'), name='moved')
     assert train_main(['--recipe', str(moved), '--output', str(out), '--resume', 'auto', '--quiet']) == 2
     assert 'data.remote' in capsys.readouterr().err  # another shard set is another order: refused
-    assert_same_training_state(train(recipe, out, '--resume', 'auto'), reference[1])
+    for n, change in enumerate(('data.num_canonical_nodes=4', 'data.shuffle_algo=py1s', 'data.stream_order=samples')):
+        assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet', '--set',
+                           change, '--set', f'data.local={tmp_path / f"refused{n}"}']) == 2  # a cache of its own
+        refusal = capsys.readouterr().err.strip().splitlines()[-1]
+        key, value = change.split('=')
+        assert f'{key} ' in refusal and f"-> {value if key.endswith('nodes') else repr(value)})" in refusal, refusal
+    assert_same_training_state(train(recipe, out, '--resume', 'auto'), reference[2])
 
 
 def test_two_ranks_killed_then_resumed_on_one_continue_the_same_trajectory(reference, shards, tmp_path):
@@ -227,7 +267,10 @@ def test_two_ranks_killed_then_resumed_on_one_continue_the_same_trajectory(refer
     kill_9_after_step(start(torchrun_command(2, '--recipe', recipe, '--output', out)), out, 3)
     killed = checkpoint.load(out / 'checkpoints' / 'step-00000003.pt')
     assert killed['plan']['world_size'] == 2
-    resumed, whole = train(recipe, out, '--resume', 'auto'), reference[1]
+    assert {key: killed['recipe']['data'][key] for key in ('stream_order', 'num_canonical_nodes', 'shuffle_algo',
+                                                           'shuffle_block_size')} == {
+        'stream_order': 'shards', 'num_canonical_nodes': 2, 'shuffle_algo': 'py1e', 'shuffle_block_size': 16}
+    resumed, whole = train(recipe, out, '--resume', 'auto'), reference[2]
     assert resumed['plan']['world_size'] == 1
     assert resumed['state']['samples_seen'] == whole['state']['samples_seen'] == 8 * 16
     # the weights, not BatchNorm's running statistics, which each rank keeps from its own micro-batches
@@ -272,7 +315,7 @@ def s3(monkeypatch, shards):
 
 
 def test_a_run_streamed_from_s3_equals_the_local_run(reference, s3, tmp_path):
-    assert_same_training_state(train(streamed_recipe(tmp_path, 's3://data/mds'), tmp_path / 'run'), reference[1])
+    assert_same_training_state(train(streamed_recipe(tmp_path, 's3://data/mds'), tmp_path / 'run'), reference[2])
 
 
 def test_bad_credentials_and_a_missing_shard_on_s3_are_one_line_naming_them(s3, tmp_path, monkeypatch):
@@ -287,10 +330,14 @@ def test_bad_credentials_and_a_missing_shard_on_s3_are_one_line_naming_them(s3, 
         data.StreamedImages('s3://data/mds', str(tmp_path / 'cache'), 'validation')
 
 
-def test_a_streaming_recipe_without_remote_or_local_is_refused_at_load(tmp_path):
+def test_a_streaming_recipe_without_remote_or_local_or_with_repeats_in_shard_order_is_refused_at_load(tmp_path):
     path = tmp_path / 'r.yaml'
     path.write_text(yaml.safe_dump(merge(STREAMED, {'data': {'dataset': 'streaming', 'remote': 's3://b/mds'}})))
     with pytest.raises(UserError, match='data.dataset streaming needs data.remote .* and data.local'):
+        recipes.load(str(path))
+    path.write_text(yaml.safe_dump(merge(STREAMED, {'data': {'dataset': 'streaming', 'remote': 's3://b/mds',
+                                                             'local': str(tmp_path)}, 'aug': {'aug_repeats': 3}})))
+    with pytest.raises(UserError, match='aug.aug_repeats needs data.stream_order samples'):
         recipes.load(str(path))
 
 
@@ -304,3 +351,4 @@ def test_an_unreachable_endpoint_and_an_unusable_cache_are_one_line(monkeypatch,
     (tmp_path / 'a-file').write_text('')
     with pytest.raises(UserError, match=r'data.local .*a-file/cache: cannot create the shard cache'):
         data.StreamedImages(str(shards), str(tmp_path / 'a-file' / 'cache'), 'train')
+
