@@ -192,6 +192,8 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     data.seed_everything(train_cfg.seed)  # same initial weights on every rank
 
     streaming = recipe.data.dataset == 'streaming'
+    if streaming:
+        data.make_shard_cache(recipe.data.local, world)
     train_source = data.open_source(recipe.data, recipe.data.train_split, train_cfg.seed)
     val_source = data.open_source(recipe.data, recipe.data.val_split, train_cfg.seed)
     num_classes = recipe.model.num_classes or getattr(train_source, 'num_classes', None)

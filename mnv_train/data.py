@@ -32,6 +32,8 @@ from torch.utils.data._utils import signal_handling
 from torchvision import transforms
 
 from . import augment, logs
+from .distributed import World
+from .entry import make_folder
 from .errors import UserError
 from .recipe import AugConfig, DataConfig, TrainSizeRampConfig
 
@@ -207,7 +209,7 @@ class StreamedImages:
 
     def __init__(self, remote: str, local: str, split: str, shuffle: Optional[dict] = None):
         streaming = import_streaming()
-        check_writable_cache(local)
+        make_folder(Path(local), 'data.local')
         clean_stale_shared_memory_once()
         self.remote, self.split = remote, split
         try:
@@ -259,6 +261,13 @@ def stream_shuffle(cfg: DataConfig, seed: int) -> dict:
             'num_canonical_nodes': cfg.num_canonical_nodes, 'shuffle_block_size': cfg.shuffle_block_size}
 
 
+def make_shard_cache(local: str, world: World):
+    """data.local made on every rank before any dataset opens: a node that cannot create or write it stops every
+    rank with the same line naming it. Later, the datasets' start-up waits for every rank in a barrier, where a
+    rank that failed alone would leave the others waiting until the process group's timeout."""
+    world.run_on_every_rank(lambda: make_folder(Path(local), 'data.local'), 'prepare its shard cache')
+
+
 def import_streaming():
     """The streaming package, an optional dependency (pip install -e '.[streaming]'), imported on use."""
     try:
@@ -279,16 +288,6 @@ def storage_error(error: BaseException) -> str:
                f'bucket\'s permissions'
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
-
-
-def check_writable_cache(local: str):
-    try:
-        os.makedirs(local, exist_ok=True)
-    except OSError as e:
-        raise UserError(f'data.local {local}: cannot create the shard cache ({e.strerror or e})') from None
-    if not os.access(local, os.W_OK | os.X_OK):
-        raise UserError(f'data.local {local} is not writable: the shards are downloaded there; choose a folder on '
-                        f'a local disk that this user can write')
 
 
 @functools.lru_cache(maxsize=None)

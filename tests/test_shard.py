@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ from test_invariance import largest_difference, torchrun_command
 from mnv_train import bench, checkpoint, data, errors, shard
 from mnv_train import recipe as recipes
 from mnv_train.cli import train_main
+from mnv_train.distributed import World
 from mnv_train.errors import UserError
 from mnv_train.recipe import AugConfig, DataConfig
 
@@ -349,6 +351,37 @@ def test_an_unreachable_endpoint_and_an_unusable_cache_are_one_line(monkeypatch,
     with pytest.raises(UserError, match=r'data.remote s3://data/mds: .*127\.0\.0\.1:9'):
         data.StreamedImages('s3://data/mds', str(tmp_path / 'cache'), 'train')
     (tmp_path / 'a-file').write_text('')
-    with pytest.raises(UserError, match=r'data.local .*a-file/cache: cannot create the shard cache'):
+    with pytest.raises(UserError, match=r'cannot create data.local .*a-file/cache: Not a directory'):
         data.StreamedImages(str(shards), str(tmp_path / 'a-file' / 'cache'), 'train')
 
+
+
+class ThreadRank(World):
+    """A rank as a thread of this process: gather meets the other threads at a barrier, as ranks meet in the
+    process group's all-gather (without the 30 s of starting two processes)."""
+    barrier, said = None, None
+
+    def gather(self, value) -> list:
+        self.said[self.rank] = value
+        self.barrier.wait()
+        told = list(self.said)
+        self.barrier.wait()
+        return told
+
+
+def test_a_data_local_that_one_rank_cannot_create_stops_every_rank_with_the_same_line(tmp_path):
+    (tmp_path / 'node0').mkdir()
+    (tmp_path / 'node1').write_text('a file where rank 1 expects a folder')
+    ThreadRank.barrier, ThreadRank.said, errors = threading.Barrier(2, timeout=60), [None, None], [None, None]
+
+    def rank_main(rank: int):  # each rank its own data.local, as on disks local to each node
+        with pytest.raises(UserError) as raised:
+            data.make_shard_cache(str(tmp_path / f'node{rank}' / 'cache'), ThreadRank(rank=rank, size=2))
+        errors[rank] = str(raised.value)
+    ranks = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert errors[0] == errors[1] == (f'rank 1 could not prepare its shard cache: cannot create data.local '
+                                      f'{tmp_path / "node1" / "cache"}: Not a directory')
