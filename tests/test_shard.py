@@ -64,8 +64,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def shards(folder, tmp_path_factory):
-    dest = tmp_path_factory.mktemp('shards') / 'mds'
-    assert shard.main([str(folder), str(dest), '--shard-size', '16kb']) == 0
+    dest = tmp_path_factory.mktemp('shards') / 'mds'  # in the folder's order: the tests below compare by index
+    assert shard.main([str(folder), str(dest), '--shard-size', '16kb', '--order', 'source']) == 0
     assert len(list((dest / 'train').glob('*.mds'))) > 3  # several shards, so that reads cross them
     return dest
 
@@ -97,7 +97,11 @@ def reference(folder, shards, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- the shard tool
 
-def test_shards_hold_the_folder_bytes_and_labels_and_list_unreadable_images(tmp_path):
+def read_all(source) -> list[tuple[bytes, int]]:
+    return [source.read_bytes(i) for i in range(len(source))]
+
+
+def test_shards_hold_the_folder_bytes_and_labels_shuffled_out_of_class_order_and_list_unreadable_images(tmp_path):
     root = write_folder(tmp_path / 'images', {'train': 3})
     (root / 'train' / 'class1' / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
     assert shard.main([str(root), str(tmp_path / 'mds'), '--splits', 'train']) == 1
@@ -105,12 +109,34 @@ def test_shards_hold_the_folder_bytes_and_labels_and_list_unreadable_images(tmp_
     assert [name.rsplit('/', 2)[1:] for name, _ in manifest['splits']['train']['unreadable']] == [
         ['class1', 'broken.jpg']]
     assert manifest['splits']['train']['per_class'] == {'0': 3, '1': 3, '2': 3} and manifest['num_classes'] == 3
+    assert (manifest['order'], manifest['seed']) == ('shuffled', 0)
     (root / 'train' / 'class1' / 'broken.jpg').unlink()
-    folder = data.TimmImages('folder', str(root), 'train', training=True)
-    streamed = data.StreamedImages(str(tmp_path / 'mds'), str(tmp_path / 'cache'), 'train')
-    assert len(streamed) == len(folder) == 9
-    assert [streamed.read_bytes(i) for i in range(9)] == [folder.read_bytes(i) for i in range(9)]
-    assert manifest['splits']['train']['bytes'] == sum(len(folder.read_bytes(i)[0]) for i in range(9))
+    folder = read_all(data.TimmImages('folder', str(root), 'train', training=True))
+    streamed = read_all(data.StreamedImages(str(tmp_path / 'mds'), str(tmp_path / 'cache'), 'train'))
+    assert [label for _, label in folder] == sorted(label for _, label in folder)  # the folder: class by class
+    assert [label for _, label in streamed] != sorted(label for _, label in streamed)
+    assert sorted(streamed) == sorted(folder) and len(folder) == 9  # each image once, with its own label
+    assert manifest['splits']['train']['bytes'] == sum(len(encoded) for encoded, _ in folder)
+
+
+def written(dest) -> dict:
+    return {str(path.relative_to(dest)): path.read_bytes() for path in sorted(dest.rglob('*')) if path.is_file()}
+
+
+def test_the_same_seed_writes_byte_identical_shards_another_seed_another_order_and_source_order_the_folders(
+        folder, tmp_path):
+    def write(name, *extra):
+        assert shard.main([str(folder), str(tmp_path / name), '--shard-size', '16kb', *extra]) == 0
+        return tmp_path / name
+    first, again, other = write('first'), write('again', '--seed', '0'), write('other', '--seed', '7')
+    assert len(written(first)) > 8 and written(first) == written(again)  # shards, index.json, manifest.json
+    assert json.loads((other / 'manifest.json').read_text())['seed'] == 7
+    in_order = {name: read_all(data.StreamedImages(str(dest), str(tmp_path / f'cache-{name}'), 'train'))
+                for name, dest in (('first', first), ('other', other), ('source', write('source', '--order',
+                                                                                        'source')))}
+    assert in_order['first'] != in_order['other'] and sorted(in_order['first']) == sorted(in_order['other'])
+    assert in_order['source'] == read_all(data.TimmImages('folder', str(folder), 'train', training=True))
+    assert json.loads((tmp_path / 'source' / 'manifest.json').read_text())['seed'] is None
 
 
 def test_timm_tars_and_fashion_mnist_shard_to_their_own_samples(tmp_path, tiny_fmnist):
@@ -125,15 +151,15 @@ def test_timm_tars_and_fashion_mnist_shard_to_their_own_samples(tmp_path, tiny_f
                 tar.addfile(info, io.BytesIO(payload))
     assert shard.main([str(tars), str(tmp_path / 'from-tars'), '--splits', 'train']) == 0
     from_tars = data.StreamedImages(str(tmp_path / 'from-tars'), str(tmp_path / 'cache-tars'), 'train')
-    assert [from_tars.read_bytes(i) for i in range(len(from_tars))] == list(images.values())
+    assert sorted(read_all(from_tars)) == sorted(images.values())
 
     assert shard.main([str(tiny_fmnist), str(tmp_path / 'from-idx')]) == 0
     original = data.FashionMNIST(str(tiny_fmnist), 'test')
     streamed = data.StreamedImages(str(tmp_path / 'from-idx'), str(tmp_path / 'cache-idx'), 'validation')
     assert len(streamed) == len(original) == 32 and streamed.num_classes == 10
-    for i in range(len(original)):
-        (a, label_a), (b, label_b) = original.load(i), streamed.load(i)
-        assert label_a == label_b and np.array_equal(np.asarray(a), np.asarray(b))
+    def pixels_and_labels(source):
+        return sorted((np.asarray(image).tobytes(), label) for image, label in map(source.load, range(len(source))))
+    assert pixels_and_labels(streamed) == pixels_and_labels(original)  # each image once, its pixels exact
 
 
 def test_a_tar_label_that_is_no_number_and_a_bad_shard_size_are_one_line(tmp_path, capfd):
