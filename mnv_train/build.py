@@ -191,6 +191,9 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     set_determinism(train_cfg.deterministic)
     data.seed_everything(train_cfg.seed)  # same initial weights on every rank
 
+    streaming = recipe.data.dataset == 'streaming'
+    if streaming:
+        data.make_shard_cache(recipe.data.local, world)
     train_source = data.open_source(recipe.data, recipe.data.train_split, train_cfg.seed)
     val_source = data.open_source(recipe.data, recipe.data.val_split, train_cfg.seed)
     num_classes = recipe.model.num_classes or getattr(train_source, 'num_classes', None)
@@ -206,7 +209,9 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     train_sizes = data.train_sizes(recipe.data.img_size, recipe.schedule.train_size_ramp,
                                    total_epochs(recipe.schedule))
     train_sampler = data.EpochSampler(len(train_source), world.rank, world.size, train_cfg.seed,
-                                      recipe.aug.aug_repeats, plan.per_device, plan.accum_steps, train_sizes)
+                                      recipe.aug.aug_repeats, plan.per_device, plan.accum_steps, train_sizes,
+                                      train_source.shard_order if streaming and recipe.data.stream_order == 'shards'
+                                      else None)
     steps_per_epoch = train_sampler.steps
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '

@@ -18,7 +18,7 @@ import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from torch.utils.data._utils import signal_handling
 from torchvision import transforms
 
 from . import augment, logs
+from .distributed import World
+from .entry import make_folder
 from .errors import UserError
 from .recipe import AugConfig, DataConfig, TrainSizeRampConfig
 
@@ -197,29 +199,30 @@ class StreamedImages:
     by index through Mosaic's StreamingDataset (streaming-community), which downloads each shard whole into
     data.local on its first use.
 
-    Read by index, not iterated: the order is EpochSampler's, as for an image folder, so the job's micro-batches,
-    exact resume on any world size, evaluation without padding and replacing unreadable images are the folder
-    path's, and a sample decodes and augments as its file would. The cost is that the first epoch touches the shards
-    in random order: its first batches wait for many whole-shard downloads, and data.local must hold the whole split
-    (no cache limit is set, since evicting shards read in random order would download them again and again).
-    StreamingDataset's own order (shard-local shuffling) would read them in sequence, but gives another
-    order per world size unless num_canonical_nodes, the shuffle and the global batch are pinned, and resumes from
-    its own state rather than from our step. benchmarks/results/streaming/summary.md measures what reading by index
-    costs.
+    Read by index, not iterated: EpochSampler deals the epoch's order into micro-batches, as for an image folder, so
+    the job's micro-batches, exact resume on any world size, evaluation without padding and replacing unreadable
+    images are the folder path's, and a sample decodes and augments as its file would. The order itself is
+    StreamingDataset's (shard_order) with data.stream_order shards, so the shards are read a few at a time; with
+    samples it is EpochSampler's permutation, which reads them all from the first batches on.
+    `shuffle` holds StreamingDataset's order settings (stream_shuffle), None for a split not read in its order.
     """
 
-    def __init__(self, remote: str, local: str, split: str):
+    def __init__(self, remote: str, local: str, split: str, shuffle: Optional[dict] = None):
         streaming = import_streaming()
-        check_writable_cache(local)
+        make_folder(Path(local), 'data.local')
         clean_stale_shared_memory_once()
         self.remote, self.split = remote, split
         try:
-            self.dataset = streaming.StreamingDataset(remote=remote, local=local, split=split, shuffle=False,
-                                                      download_retry=1, download_timeout=30)
+            self.dataset = streaming.StreamingDataset(remote=remote, local=local, split=split,
+                                                      **(shuffle or {'shuffle': False}), download_retry=1,
+                                                      download_timeout=30)
         except Exception as e:  # storage clients raise their own types (botocore, google, azure): all end here
             raise DataUnavailable(f'cannot open the shards of split {split!r} at data.remote {remote}: '
                                   f'{storage_error(e)}') from None
         self.num_classes = manifest_classes(streaming, remote, local)
+        if shuffle and len(self) < shuffle['num_canonical_nodes']:  # the library's shuffle would fail mid-run
+            raise UserError(f'data.num_canonical_nodes {shuffle["num_canonical_nodes"]} is more than the {len(self)} '
+                            f'samples of {remote}/{split}: lower it')
 
     def __len__(self):
         return self.dataset.num_samples
@@ -239,6 +242,30 @@ class StreamedImages:
 
     def describe(self, index: int) -> str:
         return f'{self.remote}/{self.split} sample {index}'
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """Every sample once, in the order StreamingDataset's own iteration yields them to one process (one node,
+        rank and worker) in `epoch`. Its partition deals that sequence round-robin to the ranks of a node, as
+        EpochSampler deals it to micro-batches, so the global batches are the library's at any world size. For
+        canonical nodes of unequal size the library repeats a sample to even them out; the repeats are dropped."""
+        from streaming.base.batching import generate_work  # optional, as in import_streaming
+        from streaming.base.world import World as Layout
+        work = generate_work(self.dataset.batching_method, self.dataset, Layout(1, 1, 1, 0), epoch, 0).flatten()
+        return work[np.sort(np.unique(work, return_index=True)[1])]
+
+
+def stream_shuffle(cfg: DataConfig, seed: int) -> dict:
+    """StreamingDataset's arguments that define its order, all from the recipe (train.seed is the shuffle seed).
+    batch_size 1: shard_order asks for one sequence, which EpochSampler cuts into batches."""
+    return {'shuffle': True, 'shuffle_algo': cfg.shuffle_algo, 'shuffle_seed': seed, 'batch_size': 1,
+            'num_canonical_nodes': cfg.num_canonical_nodes, 'shuffle_block_size': cfg.shuffle_block_size}
+
+
+def make_shard_cache(local: str, world: World):
+    """data.local made on every rank before any dataset opens: a node that cannot create or write it stops every
+    rank with the same line naming it. Later, the datasets' start-up waits for every rank in a barrier, where a
+    rank that failed alone would leave the others waiting until the process group's timeout."""
+    world.run_on_every_rank(lambda: make_folder(Path(local), 'data.local'), 'prepare its shard cache')
 
 
 def import_streaming():
@@ -261,16 +288,6 @@ def storage_error(error: BaseException) -> str:
                f'bucket\'s permissions'
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
-
-
-def check_writable_cache(local: str):
-    try:
-        os.makedirs(local, exist_ok=True)
-    except OSError as e:
-        raise UserError(f'data.local {local}: cannot create the shard cache ({e.strerror or e})') from None
-    if not os.access(local, os.W_OK | os.X_OK):
-        raise UserError(f'data.local {local} is not writable: the shards are downloaded there; choose a folder on '
-                        f'a local disk that this user can write')
 
 
 @functools.lru_cache(maxsize=None)
@@ -326,7 +343,8 @@ def open_source(cfg: DataConfig, split: str, seed: int):
     if cfg.dataset in ('fashion_mnist', 'fmnist'):
         return FashionMNIST(cfg.data_dir, split)
     if cfg.dataset == 'streaming':
-        return StreamedImages(cfg.remote, cfg.local, split)
+        return StreamedImages(cfg.remote, cfg.local, split,
+                              stream_shuffle(cfg, seed) if training and cfg.stream_order == 'shards' else None)
     return TimmImages(cfg.dataset, cfg.data_dir, split, training)
 
 
@@ -462,16 +480,23 @@ class EpochSampler(Sampler):
     sample's augmentation seed by (seed, epoch, place in the epoch), so 1 process with accumulation 4 sees the
     same micro-batches, identically augmented, as 4 processes without. Dealing round-robin puts timm's repeated
     samples (aug_repeats) into different micro-batches, as its RepeatAugSampler puts them on different ranks.
+
+    epoch_order(epoch), when given, is the job's order of each epoch, every sample once (StreamedImages.shard_order);
+    without it the order is a seeded permutation, or timm's repeated-augmentation order.
     """
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int, repeats: int = 0, micro_batch: int = 1,
-                 accum: int = 1, sizes: Optional[list[int]] = None):
+                 accum: int = 1, sizes: Optional[list[int]] = None,
+                 epoch_order: Optional[Callable[[int], Sequence[int]]] = None):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.sizes = sizes  # each epoch's train size (progressive resolution), sent with every item; None: none
         self.micro_batch, self.accum = micro_batch, accum
         # one rank of one: the job's order, whatever the world size; the ranks then take their micro-batches
-        self.order = (RepeatAugSampler(range(size), num_replicas=1, rank=0, num_repeats=repeats) if repeats
-                      else DistributedSampler(range(size), num_replicas=1, rank=0, shuffle=True, seed=seed))
+        self.shuffled = None if epoch_order else (
+            RepeatAugSampler(range(size), num_replicas=1, rank=0, num_repeats=repeats) if repeats
+            else DistributedSampler(range(size), num_replicas=1, rank=0, shuffle=True, seed=seed))
+        self.length = size if epoch_order else len(self.shuffled)
+        self.epoch_order = epoch_order or self.shuffled_order
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -482,7 +507,7 @@ class EpochSampler(Sampler):
     @property
     def steps(self) -> int:
         """Whole optimizer steps in an epoch; the samples left over wait for the next epoch's order."""
-        return len(self.order) // self.step_size
+        return self.length // self.step_size
 
     def set_position(self, epoch: int, start: int = 0):
         """From sample `start` of the epoch (over all ranks), rounded down to a step boundary."""
@@ -495,12 +520,11 @@ class EpochSampler(Sampler):
     def __len__(self):
         return (self.steps - self.start_step) * self.accum * self.micro_batch
 
-    def epoch_order(self) -> list[int]:
-        """The whole job's order of the dataset for this epoch."""
+    def shuffled_order(self, epoch: int) -> list[int]:
         # RepeatAugSampler seeds its shuffle with the epoch alone; folding the run seed in keeps runs distinct
-        self.order.set_epoch(self.epoch if isinstance(self.order, DistributedSampler)
-                             else derive_seed(self.seed, self.epoch) % 2**62)
-        return list(self.order)
+        self.shuffled.set_epoch(epoch if isinstance(self.shuffled, DistributedSampler)
+                                else derive_seed(self.seed, epoch) % 2**62)
+        return list(self.shuffled)
 
     def places(self) -> Iterator[int]:
         """This rank's places in the epoch's order, from the start step."""
@@ -511,7 +535,7 @@ class EpochSampler(Sampler):
                 yield from range(first, first + micro_batches * self.micro_batch, micro_batches)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = self.epoch_order()
+        indices = self.epoch_order(self.epoch)
         size = () if self.sizes is None else (self.sizes[min(self.epoch, len(self.sizes) - 1)],)
         for place in self.places():
             yield indices[place], derive_seed(self.seed, self.epoch, place), *size
@@ -519,7 +543,7 @@ class EpochSampler(Sampler):
     def indices(self) -> np.ndarray:
         """This rank's sample indices as iterating yields them, without their augmentation seeds: DALI draws its own,
         and a seed costs ~15 us (22 s an ImageNet epoch, taken at once when DALI's epoch starts)."""
-        return np.asarray(self.epoch_order(), dtype=np.int64)[np.fromiter(self.places(), dtype=np.int64)]
+        return np.asarray(self.epoch_order(self.epoch), dtype=np.int64)[np.fromiter(self.places(), dtype=np.int64)]
 
 
 class ShardSampler(Sampler):

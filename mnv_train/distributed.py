@@ -77,6 +77,24 @@ class World:
             raise failure
         return result
 
+    def run_on_every_rank(self, action, what: str):
+        """action() on every rank, its result; every rank must call. When it raises on any rank (a node's own
+        disk, say), every rank stops with the same one-line UserError naming the first such rank and its error,
+        instead of the others waiting for it in their next collective. An error that is not a UserError keeps its
+        traceback on its own rank."""
+        result, failure = None, None
+        try:
+            result = action()
+        except Exception as e:
+            failure = e
+        told = self.gather(None if failure is None else summary(failure))
+        if failure is not None and (not self.distributed or not isinstance(failure, UserError)):
+            raise failure
+        first = next((rank for rank, said in enumerate(told) if said is not None), None)
+        if first is not None:
+            raise UserError(f'rank {first} could not {what}: {told[first]}')
+        return result
+
     def gather(self, value) -> list:
         """Every rank's value (any picklable object), in rank order, over the host-side group."""
         if not self.distributed:

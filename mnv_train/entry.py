@@ -30,7 +30,7 @@ def make_folder(path: Path, what: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f'cannot create {what} {path}: {e.strerror or e}') from None
-    if not os.access(path, os.W_OK):
+    if not os.access(path, os.W_OK | os.X_OK):  # a folder without x cannot be written into either
         raise UserError(f'cannot write into {what} {path}: permission denied')
     return path
 

@@ -68,6 +68,16 @@ class DataConfig:
     data_dir: Optional[str] = None
     remote: Optional[str] = None  # streaming: MDS shards from python -m mnv_train.shard (s3://bucket/path, a folder)
     local: Optional[str] = None  # streaming: cache folder the shards are downloaded to (a local disk)
+    # streaming, the training order: shards is StreamingDataset's own (num_canonical_nodes streams, each through its
+    # share of the shards in turn); samples a uniform permutation, whose first batch needs nearly every shard
+    stream_order: Literal['shards', 'samples'] = 'shards'
+    # the settings that define the shards order (the shuffle seed is train.seed), pinned: the library's defaults
+    # follow the first run's node count. 64: a multiple of the world size keeps each node on its own shards
+    num_canonical_nodes: int = _f(64, ge=1)  # Mosaic's default for 1 node with py1s
+    shuffle_algo: Literal['py1e', 'py1br', 'py1s', 'py2s', 'naive'] = 'py1e'  # Mosaic's default algorithm
+    # samples over which py1e spreads a shard's samples, per canonical node. ImageNet in 64 MB shards, global batch
+    # 4096: the first step needs 244 of 2209 shards; 1879 at Mosaic's default 262144 (streaming_order_cost.py)
+    shuffle_block_size: int = _f(4096, ge=1)
     train_split: str = 'train'
     val_split: str = 'validation'
     img_size: int = _f(224, ge=8)
@@ -380,6 +390,9 @@ def _check_consistency(recipe: Recipe):
     if dataset == 'streaming' and not (recipe.data.remote and recipe.data.local):
         raise UserError('data.dataset streaming needs data.remote (where the shards are: s3://bucket/path or a '
                         'folder) and data.local (a cache folder on a local disk)')
+    if dataset == 'streaming' and recipe.data.stream_order == 'shards' and recipe.aug.aug_repeats:
+        raise UserError('aug.aug_repeats needs data.stream_order samples: StreamingDataset\'s shard order has each '
+                        'sample once an epoch')
     if dataset not in DATASETS and not dataset.startswith('hfds/'):
         close = difflib.get_close_matches(dataset, DATASETS, n=1, cutoff=0.5)
         hint = f'did you mean {close[0]!r}? ' if close else ''

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ from test_invariance import largest_difference, torchrun_command
 from mnv_train import bench, checkpoint, data, errors, shard
 from mnv_train import recipe as recipes
 from mnv_train.cli import train_main
+from mnv_train.distributed import World
 from mnv_train.errors import UserError
 from mnv_train.recipe import AugConfig, DataConfig
 
@@ -29,9 +31,10 @@ from conftest import REPO, TINY, assert_same_training_state, merge, wait_for
 
 # SGD at a small LR, per-sample RandAugment, Mixup+CutMix and erasing: as test_invariance's recipe, whose comment
 # explains why the world sizes then differ by float sums only. 72 images, 16 a step: 4 steps an epoch, 8 in all.
+# StreamingDataset's order on 2 canonical nodes, a shard's samples spread over 16 (the shards hold ~20 images each).
 STREAMED = merge(TINY, {
     'model': {'name': 'test_efficientnet', 'drop_rate': 0.1, 'drop_path_rate': 0.2},
-    'data': {'img_size': 32},
+    'data': {'img_size': 32, 'num_canonical_nodes': 2, 'shuffle_block_size': 16},
     'aug': {'auto_augment': 'rand-m9-mstd0.5', 'mixup': 0.8, 'cutmix': 1.0, 'reprob': 0.25},
     'optim': {'name': 'sgd', 'lr': 0.002},
     'train': {'global_batch_size': 16, 'batch_size': 8, 'log_every': 4, 'checkpoint_every_steps': 1},
@@ -61,8 +64,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def shards(folder, tmp_path_factory):
-    dest = tmp_path_factory.mktemp('shards') / 'mds'
-    assert shard.main([str(folder), str(dest), '--shard-size', '16kb']) == 0
+    dest = tmp_path_factory.mktemp('shards') / 'mds'  # in the folder's order: the tests below compare by index
+    assert shard.main([str(folder), str(dest), '--shard-size', '16kb', '--order', 'source']) == 0
     assert len(list((dest / 'train').glob('*.mds'))) > 3  # several shards, so that reads cross them
     return dest
 
@@ -72,8 +75,9 @@ def recipe_file(path, **data_cfg):
     return path
 
 
-def streamed_recipe(tmp_path, remote, name='streamed'):
-    return recipe_file(tmp_path / f'{name}.yaml', dataset='streaming', remote=str(remote), local=str(tmp_path / name))
+def streamed_recipe(tmp_path, remote, name='streamed', **data_cfg):
+    return recipe_file(tmp_path / f'{name}.yaml', dataset='streaming', remote=str(remote), local=str(tmp_path / name),
+                       **data_cfg)
 
 
 def train(recipe, out, *extra):
@@ -83,15 +87,21 @@ def train(recipe, out, *extra):
 
 @pytest.fixture(scope='module')
 def reference(folder, shards, tmp_path_factory):
-    """The folder run, and the same run from the local shards (the test below compares them)."""
+    """The folder run; the same run from the local shards in its order (data.stream_order samples), which the test
+    below compares with it; and the run in StreamingDataset's order (shards, the default), for the resumes."""
     root = tmp_path_factory.mktemp('reference')
     from_folder = train(recipe_file(root / 'folder.yaml', dataset='folder', data_dir=str(folder)), root / 'folder')
-    return from_folder, train(streamed_recipe(root, shards), root / 'streamed')
+    return (from_folder, train(streamed_recipe(root, shards, 'sampled', stream_order='samples'), root / 'sampled'),
+            train(streamed_recipe(root, shards), root / 'streamed'))
 
 
 # ---------------------------------------------------------------------------------------------- the shard tool
 
-def test_shards_hold_the_folder_bytes_and_labels_and_list_unreadable_images(tmp_path):
+def read_all(source) -> list[tuple[bytes, int]]:
+    return [source.read_bytes(i) for i in range(len(source))]
+
+
+def test_shards_hold_the_folder_bytes_and_labels_shuffled_out_of_class_order_and_list_unreadable_images(tmp_path):
     root = write_folder(tmp_path / 'images', {'train': 3})
     (root / 'train' / 'class1' / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
     assert shard.main([str(root), str(tmp_path / 'mds'), '--splits', 'train']) == 1
@@ -99,12 +109,34 @@ def test_shards_hold_the_folder_bytes_and_labels_and_list_unreadable_images(tmp_
     assert [name.rsplit('/', 2)[1:] for name, _ in manifest['splits']['train']['unreadable']] == [
         ['class1', 'broken.jpg']]
     assert manifest['splits']['train']['per_class'] == {'0': 3, '1': 3, '2': 3} and manifest['num_classes'] == 3
+    assert (manifest['order'], manifest['seed']) == ('shuffled', 0)
     (root / 'train' / 'class1' / 'broken.jpg').unlink()
-    folder = data.TimmImages('folder', str(root), 'train', training=True)
-    streamed = data.StreamedImages(str(tmp_path / 'mds'), str(tmp_path / 'cache'), 'train')
-    assert len(streamed) == len(folder) == 9
-    assert [streamed.read_bytes(i) for i in range(9)] == [folder.read_bytes(i) for i in range(9)]
-    assert manifest['splits']['train']['bytes'] == sum(len(folder.read_bytes(i)[0]) for i in range(9))
+    folder = read_all(data.TimmImages('folder', str(root), 'train', training=True))
+    streamed = read_all(data.StreamedImages(str(tmp_path / 'mds'), str(tmp_path / 'cache'), 'train'))
+    assert [label for _, label in folder] == sorted(label for _, label in folder)  # the folder: class by class
+    assert [label for _, label in streamed] != sorted(label for _, label in streamed)
+    assert sorted(streamed) == sorted(folder) and len(folder) == 9  # each image once, with its own label
+    assert manifest['splits']['train']['bytes'] == sum(len(encoded) for encoded, _ in folder)
+
+
+def written(dest) -> dict:
+    return {str(path.relative_to(dest)): path.read_bytes() for path in sorted(dest.rglob('*')) if path.is_file()}
+
+
+def test_the_same_seed_writes_byte_identical_shards_another_seed_another_order_and_source_order_the_folders(
+        folder, tmp_path):
+    def write(name, *extra):
+        assert shard.main([str(folder), str(tmp_path / name), '--shard-size', '16kb', *extra]) == 0
+        return tmp_path / name
+    first, again, other = write('first'), write('again', '--seed', '0'), write('other', '--seed', '7')
+    assert len(written(first)) > 8 and written(first) == written(again)  # shards, index.json, manifest.json
+    assert json.loads((other / 'manifest.json').read_text())['seed'] == 7
+    in_order = {name: read_all(data.StreamedImages(str(dest), str(tmp_path / f'cache-{name}'), 'train'))
+                for name, dest in (('first', first), ('other', other), ('source', write('source', '--order',
+                                                                                        'source')))}
+    assert in_order['first'] != in_order['other'] and sorted(in_order['first']) == sorted(in_order['other'])
+    assert in_order['source'] == read_all(data.TimmImages('folder', str(folder), 'train', training=True))
+    assert json.loads((tmp_path / 'source' / 'manifest.json').read_text())['seed'] is None
 
 
 def test_timm_tars_and_fashion_mnist_shard_to_their_own_samples(tmp_path, tiny_fmnist):
@@ -119,15 +151,15 @@ def test_timm_tars_and_fashion_mnist_shard_to_their_own_samples(tmp_path, tiny_f
                 tar.addfile(info, io.BytesIO(payload))
     assert shard.main([str(tars), str(tmp_path / 'from-tars'), '--splits', 'train']) == 0
     from_tars = data.StreamedImages(str(tmp_path / 'from-tars'), str(tmp_path / 'cache-tars'), 'train')
-    assert [from_tars.read_bytes(i) for i in range(len(from_tars))] == list(images.values())
+    assert sorted(read_all(from_tars)) == sorted(images.values())
 
     assert shard.main([str(tiny_fmnist), str(tmp_path / 'from-idx')]) == 0
     original = data.FashionMNIST(str(tiny_fmnist), 'test')
     streamed = data.StreamedImages(str(tmp_path / 'from-idx'), str(tmp_path / 'cache-idx'), 'validation')
     assert len(streamed) == len(original) == 32 and streamed.num_classes == 10
-    for i in range(len(original)):
-        (a, label_a), (b, label_b) = original.load(i), streamed.load(i)
-        assert label_a == label_b and np.array_equal(np.asarray(a), np.asarray(b))
+    def pixels_and_labels(source):
+        return sorted((np.asarray(image).tobytes(), label) for image, label in map(source.load, range(len(source))))
+    assert pixels_and_labels(streamed) == pixels_and_labels(original)  # each image once, its pixels exact
 
 
 def test_a_tar_label_that_is_no_number_and_a_bad_shard_size_are_one_line(tmp_path, capfd):
@@ -172,10 +204,40 @@ def test_a_sample_gives_the_same_augmented_tensor_from_shards_and_from_the_folde
         assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
 
 
-def test_a_run_from_shards_trains_and_evaluates_as_the_folder_run(reference):
-    from_folder, streamed = reference
+def test_a_run_from_shards_in_sample_order_trains_and_evaluates_as_the_folder_run(reference):
+    from_folder, streamed, _ = reference
     assert streamed['state']['step'] == 8 and streamed['state']['history'][-1]['top1'] is not None
     assert_same_training_state(from_folder, streamed)
+
+
+def shards_read(source, indices) -> int:
+    return len({source.dataset.spanner[i][0] for i in indices})
+
+
+def test_the_shards_order_is_streaming_datasets_own_iteration_dealt_to_ranks_as_its_partition_deals(shards, tmp_path):
+    cfg = recipes.from_dict(STREAMED).data
+    source = data.StreamedImages(str(shards), str(tmp_path / 'cache'), 'train', data.stream_shuffle(cfg, seed=3))
+    orders = [source.shard_order(epoch) for epoch in range(2)]
+    assert [sorted(order) for order in orders] == [list(range(72))] * 2 and orders[0].tolist() != orders[1].tolist()
+    iterated = [sample['image'] for sample in source.dataset]  # the library's own iteration: epoch 0, one process
+    assert iterated == [source.read_bytes(i)[0] for i in orders[0]]
+    # its partition at 2 ranks of one node, 4 samples a batch, against our sampler's micro-batches at world size 2
+    from streaming.base.batching import generate_work
+    from streaming.base.world import World as Layout
+    ours = []
+    for rank in range(2):
+        sampler = data.EpochSampler(72, rank, 2, seed=3, micro_batch=4, epoch_order=source.shard_order)
+        sampler.set_position(epoch=1)
+        ours.append([index for index, _ in sampler])
+    source.dataset.batch_size = 4
+    work = generate_work('random', source.dataset, Layout(1, 2, 1, 0), 1, 0)
+    assert [len(indices) for indices in ours] == [36, 36]
+    assert ours == [work[0, rank, 0].flatten().tolist() for rank in range(2)]
+    # the point of it: a step's 16 samples come from fewer shards than in a uniform permutation
+    sampled = data.EpochSampler(72, 0, 1, seed=3, micro_batch=16)
+    print(f'shards read by the first step: {shards_read(source, orders[0][:16])} in the shards order, '
+          f'{shards_read(source, [i for i, _ in sampled][:16])} of {len(source.dataset.shards)} in a permutation')
+    assert shards_read(source, orders[0][:16]) < shards_read(source, [i for i, _ in sampled][:16])
 
 
 def start(command):
@@ -219,7 +281,13 @@ def test_kill_9_then_resume_on_the_same_world_size_is_bit_identical(reference, s
     moved = streamed_recipe(tmp_path, shutil.copytree(shards, tmp_path / 'copy'), name='moved')
     assert train_main(['--recipe', str(moved), '--output', str(out), '--resume', 'auto', '--quiet']) == 2
     assert 'data.remote' in capsys.readouterr().err  # another shard set is another order: refused
-    assert_same_training_state(train(recipe, out, '--resume', 'auto'), reference[1])
+    for n, change in enumerate(('data.num_canonical_nodes=4', 'data.shuffle_algo=py1s', 'data.stream_order=samples')):
+        assert train_main(['--recipe', str(recipe), '--output', str(out), '--resume', 'auto', '--quiet', '--set',
+                           change, '--set', f'data.local={tmp_path / f"refused{n}"}']) == 2  # a cache of its own
+        refusal = capsys.readouterr().err.strip().splitlines()[-1]
+        key, value = change.split('=')
+        assert f'{key} ' in refusal and f"-> {value if key.endswith('nodes') else repr(value)})" in refusal, refusal
+    assert_same_training_state(train(recipe, out, '--resume', 'auto'), reference[2])
 
 
 def test_two_ranks_killed_then_resumed_on_one_continue_the_same_trajectory(reference, shards, tmp_path):
@@ -227,7 +295,10 @@ def test_two_ranks_killed_then_resumed_on_one_continue_the_same_trajectory(refer
     kill_9_after_step(start(torchrun_command(2, '--recipe', recipe, '--output', out)), out, 3)
     killed = checkpoint.load(out / 'checkpoints' / 'step-00000003.pt')
     assert killed['plan']['world_size'] == 2
-    resumed, whole = train(recipe, out, '--resume', 'auto'), reference[1]
+    assert {key: killed['recipe']['data'][key] for key in ('stream_order', 'num_canonical_nodes', 'shuffle_algo',
+                                                           'shuffle_block_size')} == {
+        'stream_order': 'shards', 'num_canonical_nodes': 2, 'shuffle_algo': 'py1e', 'shuffle_block_size': 16}
+    resumed, whole = train(recipe, out, '--resume', 'auto'), reference[2]
     assert resumed['plan']['world_size'] == 1
     assert resumed['state']['samples_seen'] == whole['state']['samples_seen'] == 8 * 16
     # the weights, not BatchNorm's running statistics, which each rank keeps from its own micro-batches
@@ -272,7 +343,7 @@ def s3(monkeypatch, shards):
 
 
 def test_a_run_streamed_from_s3_equals_the_local_run(reference, s3, tmp_path):
-    assert_same_training_state(train(streamed_recipe(tmp_path, 's3://data/mds'), tmp_path / 'run'), reference[1])
+    assert_same_training_state(train(streamed_recipe(tmp_path, 's3://data/mds'), tmp_path / 'run'), reference[2])
 
 
 def test_bad_credentials_and_a_missing_shard_on_s3_are_one_line_naming_them(s3, tmp_path, monkeypatch):
@@ -287,10 +358,14 @@ def test_bad_credentials_and_a_missing_shard_on_s3_are_one_line_naming_them(s3, 
         data.StreamedImages('s3://data/mds', str(tmp_path / 'cache'), 'validation')
 
 
-def test_a_streaming_recipe_without_remote_or_local_is_refused_at_load(tmp_path):
+def test_a_streaming_recipe_without_remote_or_local_or_with_repeats_in_shard_order_is_refused_at_load(tmp_path):
     path = tmp_path / 'r.yaml'
     path.write_text(yaml.safe_dump(merge(STREAMED, {'data': {'dataset': 'streaming', 'remote': 's3://b/mds'}})))
     with pytest.raises(UserError, match='data.dataset streaming needs data.remote .* and data.local'):
+        recipes.load(str(path))
+    path.write_text(yaml.safe_dump(merge(STREAMED, {'data': {'dataset': 'streaming', 'remote': 's3://b/mds',
+                                                             'local': str(tmp_path)}, 'aug': {'aug_repeats': 3}})))
+    with pytest.raises(UserError, match='aug.aug_repeats needs data.stream_order samples'):
         recipes.load(str(path))
 
 
@@ -302,5 +377,37 @@ def test_an_unreachable_endpoint_and_an_unusable_cache_are_one_line(monkeypatch,
     with pytest.raises(UserError, match=r'data.remote s3://data/mds: .*127\.0\.0\.1:9'):
         data.StreamedImages('s3://data/mds', str(tmp_path / 'cache'), 'train')
     (tmp_path / 'a-file').write_text('')
-    with pytest.raises(UserError, match=r'data.local .*a-file/cache: cannot create the shard cache'):
+    with pytest.raises(UserError, match=r'cannot create data.local .*a-file/cache: Not a directory'):
         data.StreamedImages(str(shards), str(tmp_path / 'a-file' / 'cache'), 'train')
+
+
+
+class ThreadRank(World):
+    """A rank as a thread of this process: gather meets the other threads at a barrier, as ranks meet in the
+    process group's all-gather (without the 30 s of starting two processes)."""
+    barrier, said = None, None
+
+    def gather(self, value) -> list:
+        self.said[self.rank] = value
+        self.barrier.wait()
+        told = list(self.said)
+        self.barrier.wait()
+        return told
+
+
+def test_a_data_local_that_one_rank_cannot_create_stops_every_rank_with_the_same_line(tmp_path):
+    (tmp_path / 'node0').mkdir()
+    (tmp_path / 'node1').write_text('a file where rank 1 expects a folder')
+    ThreadRank.barrier, ThreadRank.said, errors = threading.Barrier(2, timeout=60), [None, None], [None, None]
+
+    def rank_main(rank: int):  # each rank its own data.local, as on disks local to each node
+        with pytest.raises(UserError) as raised:
+            data.make_shard_cache(str(tmp_path / f'node{rank}' / 'cache'), ThreadRank(rank=rank, size=2))
+        errors[rank] = str(raised.value)
+    ranks = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert errors[0] == errors[1] == (f'rank 1 could not prepare its shard cache: cannot create data.local '
+                                      f'{tmp_path / "node1" / "cache"}: Not a directory')
