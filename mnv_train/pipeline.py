@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import dali_pipeline, data, device_decode
+from . import augment, dali_pipeline, data, device_decode
 from .distributed import World
 from .recipe import DataConfig, Recipe
 
@@ -63,6 +63,10 @@ def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: dat
     """(loader, device input) for training: PIL on the host, JPEG decode on the device (data.decode), or DALI
     (data.pipeline)."""
     channels_last = recipe.train.channels_last
+    transform = data.train_transform(recipe.data, recipe.aug, norm) if recipe.data.decode == 'host' else None
+    if transform is not None:  # DALI runs timm's RandAugment ops and ranges too; device decode has no RandAugment
+        # once a run, at data.img_size: a ramp's smaller sizes translate by the same share of the image
+        augment.warn_beyond_timm_range(transform.transforms, recipe.data.img_size)
     if recipe.data.pipeline == 'dali':
         loader = dali_pipeline.DaliLoader(source, sampler, batch_size, recipe.data, recipe.aug, recipe.train.seed,
                                           world.device)
@@ -73,7 +77,7 @@ def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: dat
         device_input = device_decode.DeviceDecode(norm, world.device, channels_last, recipe.data.img_size)
     else:
         sized = {size: data.train_transform(recipe.data, recipe.aug, norm, size) for size in set(sampler.sizes or ())}
-        dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm), sized)
+        dataset = data.TransformedDataset(source, transform, sized)
         collate, device_input = data.collate, data.DeviceNormalize(norm, world.device, channels_last)
     loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
                               pin_memory=world.device.type == 'cuda', collate_fn=collate)
