@@ -21,6 +21,11 @@ mode that is exact enough.
 instead measures (b) for the folder and for the same images as MDS shards (`python -m mnv_train.shard`, read by
 data.dataset streaming with a fresh cache), alternately for --rounds rounds: a shared machine drifts, so the ratio
 is taken round by round. Round 1 of the shards includes copying them into the cache.
+
+  python -m mnv_train.bench --recipe mnv4_hybrid_large_prog --data-dir /data/imagenet --ramp
+
+instead measures (a) at each train size of the recipe's progressive-resolution ramp (schedule.train_size_ramp),
+each after its own --warmup steps, and the ramped run's epoch time over that of every epoch at data.img_size.
 """
 from __future__ import annotations
 
@@ -47,9 +52,10 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def model_rate(run: Run, steps: int, warmup: int) -> float:
-    """img/s of optimizer steps on one fixed batch that already sits on the device."""
-    per_device, size = run.plan.per_device, run.recipe.data.img_size
+def model_rate(run: Run, steps: int, warmup: int, img_size: Optional[int] = None) -> float:
+    """img/s of optimizer steps on one fixed batch that already sits on the device, at img_size (None: data.img_size),
+    after `warmup` untimed steps."""
+    per_device, size = run.plan.per_device, img_size or run.recipe.data.img_size
     memory_format = torch.channels_last if run.recipe.train.channels_last else torch.contiguous_format
     images = torch.randn(per_device, 3, size, size, device=run.world.device).contiguous(memory_format=memory_format)
     targets = torch.randint(0, run.module.num_classes, (per_device,), device=run.world.device)
@@ -121,6 +127,27 @@ def bench(run: Run, steps: int, warmup: int) -> dict:
         result['shared_cores_bound'] = 1 / (1 / result['input'] + 1 / result['model'])
         result['train_vs_shared_cores_bound'] = result['train'] / result['shared_cores_bound']
     return result
+
+
+def ramp_rates(run: Run, steps: int, warmup: int) -> dict:
+    """Model-only img/s at each train size of the run's progressive-resolution ramp, each after its own warm-up steps
+    (a new shape autotunes and sets up kernels, or compiles its own graph), and the ramped run's epoch time over a
+    constant-size run's: the mean over epochs of rate(data.img_size) / rate(the epoch's size). The constant-size
+    recipe (mnv4_hybrid_large for mnv4_hybrid_large_prog) differs only in its ramp, so this is their ratio too."""
+    sizes = run.train_sampler.sizes
+    rates = {size: model_rate(run, steps, warmup, size) for size in sorted(set(sizes))}
+    full = rates[run.recipe.data.img_size]
+    return {'model': {str(size): rate for size, rate in rates.items()},
+            'epochs': {str(size): sizes.count(size) for size in rates},
+            'epoch_time_ratio': sum(full / rates[size] for size in sizes) / len(sizes)}
+
+
+def print_ramp_rates(result: dict, img_size: int):
+    print(f'  {"size":>6s} {"epochs":>7s} {"img/s":>10s}')
+    for size, rate in result['model'].items():
+        print(f'  {size:>6s} {result["epochs"][size]:7d} {rate:10.1f}')
+    print(f'  epoch time, ramped / every epoch at {img_size} px: {result["epoch_time_ratio"]:.3f} (model only, '
+          f'mean over the run\'s {sum(result["epochs"].values())} epochs)')
 
 
 def streamed_variant(recipe: recipes.Recipe, shards: str, cache: Path) -> recipes.Recipe:
@@ -220,15 +247,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--steps', type=int, default=20, help='timed optimizer steps per measurement')
     p.add_argument('--warmup', type=int, default=3, choices=range(1, 1000), metavar='N',
                    help='untimed steps first (compile, cudnn autotune, caches); at least 1')
-    p.add_argument('--compare-shards', metavar='SHARDS', help='instead: input img/s of the folder against the same '
-                                                              'images as MDS shards at SHARDS (path or s3://)')
+    instead = p.add_mutually_exclusive_group()
+    instead.add_argument('--compare-shards', metavar='SHARDS', help='instead: input img/s of the folder against the '
+                                                                    'same images as MDS shards at SHARDS (path or s3://)')
     p.add_argument('--rounds', type=int, default=3, help='--compare-shards: alternate measurements of each')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='write the figures here')
-    p.add_argument('--compile-modes', type=compile_modes, metavar='MODE[,MODE]',
-                   help=f'instead: model-only rates per train.compile mode, with channels_last on and off (all, or '
-                        f'of {", ".join(COMPILE_MODES)})')
+    instead.add_argument('--compile-modes', type=compile_modes, metavar='MODE[,MODE]',
+                         help=f'instead: model-only rates per train.compile mode, with channels_last on and off (all, '
+                              f'or of {", ".join(COMPILE_MODES)})')
+    instead.add_argument('--ramp', action='store_true',
+                         help='instead: model-only img/s at each train size of schedule.train_size_ramp, and the '
+                              'ramped epoch time over a constant-size one')
     return p
+
+
+def run_ramp(recipe: recipes.Recipe, world: distributed.World, batch: int, steps: int, warmup: int,
+             json_path: Optional[str]):
+    """--ramp: measure, print and write ramp_rates for the recipe."""
+    if recipe.schedule.train_size_ramp is None:
+        raise UserError(f'--ramp: recipe {recipe.name} has no schedule.train_size_ramp; give a progressive-resolution '
+                        f'recipe such as mnv4_hybrid_large_prog')
+    with tempfile.TemporaryDirectory() as scratch:
+        run = build_run(recipe, world, Path(scratch), global_batch=batch * world.size, per_device_batch=batch)
+        result = ramp_rates(run, steps, warmup)
+    if world.is_main:
+        print(f'{recipe.name} {recipe.model.name}, model only at each train size, batch {batch} x {world.size}, '
+              f'amp {recipe.train.amp}, compile {recipe.train.compile}')
+        print_ramp_rates(result, recipe.data.img_size)
+        if json_path:
+            Path(json_path).write_text(json.dumps({'recipe': recipe.name, 'batch': batch, 'world_size': world.size,
+                                                   'steps': steps, 'warmup': warmup, **result}, indent=1))
 
 
 @guarded
@@ -248,6 +297,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print_compile_table(rows)
             if args.json:
                 Path(args.json).write_text(json.dumps({'recipe': recipe.name, 'compile_modes': rows}, indent=1))
+        return 0
+    if args.ramp:
+        run_ramp(recipe, world, batch, args.steps, args.warmup, args.json)
         return 0
     if args.compare_shards:
         # loader workers may still be reading ahead into the shard cache while the folder is removed

@@ -367,13 +367,13 @@ def train_transform(cfg: DataConfig, aug: AugConfig, norm: Normalization, img_si
 
     Below data.img_size (a progressive-resolution epoch) every augmentation keeps its size relative to the image:
     timm's RandAugment translates by a share of the image (TranslateXRel, translate_pct), while Google's states
-    translate and cutout in pixels at data.img_size, so those are scaled down with the image."""
+    translate and cutout in pixels at data.img_size, so those are scaled down with the image. A run warns about a
+    timm RandAugment past its range once (pipeline.training_input), not once per transform built."""
     img_size = img_size or cfg.img_size
     crop_flip, colour, to_tensor = create_transform(
         img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment, interpolation=aug.train_interpolation,
         mean=norm.mean, std=norm.std, use_prefetcher=True, separate=True)
-    augment.warn_beyond_timm_range(colour.transforms, img_size)
     google = []
     if aug.tf_randaugment is not None:
         shrink = img_size / cfg.img_size

@@ -21,7 +21,8 @@ from .plots import pyplot, save_figure
 from .preview import prepared_batch, write_preview
 
 BENCHMARK_TIMED = 3  # micro-batches and optimizer updates timed
-PROBE_SECONDS = 4.0  # longest micro-batch timed before a smaller probe batch is scaled up instead
+PROBE_SECONDS = 2.0  # longest warm micro-batch timed before a smaller probe batch is scaled up instead
+PROBE_JUMP = 4  # the probe batch grows at most 4x at a time: past the caches a CPU's time grows faster than linearly
 LR_PLOT_POINTS = 2000
 
 
@@ -106,16 +107,12 @@ def benchmark_lines(run) -> list[str]:
 
     The micro-batches run at the per-device batch when one takes under PROBE_SECONDS, and otherwise at a smaller
     probe batch whose time is scaled up linearly: on a login node's CPU one per-device batch of a large model can
-    take minutes. Samples are prepared in this process, so no loader workers start; the input pipeline is
-    measured by python -m mnv_train.bench.
+    take minutes. Every figure is timed after an untimed call at its shape (warm_mean_seconds). Samples are prepared
+    in this process, so no loader workers start; the input pipeline is measured by python -m mnv_train.bench.
     """
     plan = run.plan
-    probe = min(2, plan.per_device)  # BatchNorm needs two samples in training mode, and Mixup pairs
-    seconds = time_micro_batches(run, probe, repeats=1)  # also pays for first-call set-up
-    while probe * 2 <= plan.per_device and seconds * 2 <= PROBE_SECONDS:
-        probe *= 2
-        seconds = time_micro_batches(run, probe, repeats=1)
-    micro = time_micro_batches(run, probe, repeats=BENCHMARK_TIMED) * plan.per_device / probe
+    probe, seconds = probe_batch(run)
+    micro = seconds * plan.per_device / probe
     update = time_optimizer_updates(run, repeats=BENCHMARK_TIMED)
     step = plan.accum_steps * micro + update
     sizes = run.train_sampler.sizes or [run.recipe.data.img_size] * run.epochs
@@ -139,10 +136,41 @@ def benchmark_lines(run) -> list[str]:
     return lines + evaluation_lines(run, probe, training)
 
 
+def probe_batch(run) -> tuple[int, float]:
+    """(probe batch, mean warm seconds of a micro-batch of it): from 2 samples up, in jumps of at most PROBE_JUMP x,
+    to the per-device batch or to the largest batch whose time, scaled linearly from the last batch timed, fits
+    PROBE_SECONDS.
+
+    Each batch tried is timed warm: on a GPU the first call at a shape spends seconds on cuDNN autotuning and kernel
+    set-up, and timing it stopped the search at 2 samples, latency-bound, at a small share of the per-device batch's
+    rate. The timed calls of the last batch tried are the estimate's, so jumps rather than doublings keep the
+    search's cost near that of the estimate alone (a CPU dry run must stay within seconds).
+    """
+    probe = min(2, run.plan.per_device)  # BatchNorm needs two samples in training mode, and Mixup pairs
+    while True:
+        seconds = time_micro_batches(run, probe, BENCHMARK_TIMED)
+        larger = larger_probe(probe, seconds, run.plan.per_device)
+        if larger == probe:
+            return probe, seconds
+        probe = larger
+
+
+def larger_probe(probe: int, seconds: float, per_device: int) -> int:
+    """The next probe batch after `probe` samples took `seconds`: the per-device batch if it is within PROBE_JUMP x and
+    its time, scaled linearly, fits PROBE_SECONDS; otherwise the largest power-of-two multiple of `probe` within both
+    (`probe` itself when none is)."""
+    fits = min(PROBE_SECONDS / seconds * probe if seconds > 0 else math.inf, PROBE_JUMP * probe)
+    if fits >= per_device:
+        return per_device
+    larger = probe
+    while larger * 2 <= fits:
+        larger *= 2
+    return larger
+
+
 def step_seconds(run, probe: int, img_size: int, update: float) -> float:
-    """An optimizer step's seconds at img_size, from micro-batches of `probe` samples timed after an untimed one (the
-    first call at a shape sets up kernels), plus `update` seconds for the optimizer update."""
-    time_micro_batches(run, probe, 1, img_size)
+    """An optimizer step's seconds at img_size, from warm micro-batches of `probe` samples, plus `update` seconds for
+    the optimizer update."""
     micro = time_micro_batches(run, probe, BENCHMARK_TIMED, img_size) * run.plan.per_device / probe
     return run.plan.accum_steps * micro + update
 
@@ -184,14 +212,13 @@ def evaluation_lines(run, probe: int, training: float) -> list[str]:
 
 
 def time_teacher(run, size: int, repeats: int) -> float:
-    """Mean seconds of the teacher's forward (renormalised, resized, under the run's autocast) on `size` samples."""
+    """Mean warm seconds of the teacher's forward (renormalised, resized, under the run's autocast) on `size`
+    samples."""
     images, _, _ = prepared_batch(run, size)[0]
     task = run.distillation.task
     with torch.no_grad(), run.autocast():
-        start = synchronized_time(run.world.device)
-        for _ in range(repeats):
-            task.teacher(task.teacher.normalize_input(images, task.student_mean, task.student_std))
-        return (synchronized_time(run.world.device) - start) / repeats
+        return warm_mean_seconds(run.world.device, repeats, lambda: task.teacher(
+            task.teacher.normalize_input(images, task.student_mean, task.student_std)))
 
 
 def probe_images(run, size: int, img_size: Optional[int] = None):
@@ -204,39 +231,44 @@ def probe_images(run, size: int, img_size: Optional[int] = None):
 
 
 def time_forward(run, size: int, img_size: int) -> float:
-    """Mean seconds of an evaluation forward (no gradients, the run's autocast) on `size` samples at img_size."""
+    """Mean warm seconds of an evaluation forward (no gradients, the run's autocast) on `size` samples at img_size."""
     images, _ = probe_images(run, size, img_size)
     run.module.eval()
     with torch.no_grad(), run.autocast():
-        run.module(images)  # first-call set-up at this shape
-        start = synchronized_time(run.world.device)
-        for _ in range(BENCHMARK_TIMED):
-            run.module(images)
-        return (synchronized_time(run.world.device) - start) / BENCHMARK_TIMED
+        return warm_mean_seconds(run.world.device, BENCHMARK_TIMED, lambda: run.module(images))
 
 
 def time_micro_batches(run, size: int, repeats: int, img_size: Optional[int] = None) -> float:
-    """Mean seconds of forward + backward (with the recipe's batch augmentation) on `size` samples, at img_size
+    """Mean warm seconds of forward + backward (with the recipe's batch augmentation) on `size` samples, at img_size
     (None: as prepared)."""
     images, targets = probe_images(run, size, img_size)
     run.model.train()
-    start = synchronized_time(run.world.device)
-    for _ in range(repeats):
+
+    def micro_batch():
         mixed, mixed_targets = run.augment(images, targets, epoch=0)
         forward_backward(run, mixed, mixed_targets, finishing=True)
-    return (synchronized_time(run.world.device) - start) / repeats
+    return warm_mean_seconds(run.world.device, repeats, micro_batch)
 
 
 def time_optimizer_updates(run, repeats: int) -> float:
-    """Mean seconds of an optimizer update (clip, step, schedule, EMA), after one untimed first update."""
-    optimizer_step(run)  # allocates the optimizer state
-    start = synchronized_time(run.world.device)
-    for _ in range(repeats):
+    """Mean warm seconds of an optimizer update (clip, step, schedule, EMA): the first allocates the optimizer state."""
+    def update():
         for p in run.module.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         optimizer_step(run)
-    return (synchronized_time(run.world.device) - start) / repeats
+    return warm_mean_seconds(run.world.device, repeats, update)
+
+
+def warm_mean_seconds(device: torch.device, repeats: int, call) -> float:
+    """Mean seconds of `repeats` calls of `call` after an untimed one: the first call at a new shape sets up (cuDNN
+    autotuning, kernel and allocator set-up, compiling), which a long run pays once and a few timed calls must not
+    carry."""
+    call()
+    start = synchronized_time(device)
+    for _ in range(repeats):
+        call()
+    return (synchronized_time(device) - start) / repeats
 
 
 def synchronized_time(device: torch.device) -> float:

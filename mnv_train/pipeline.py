@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import dali_pipeline, data
+from . import augment, dali_pipeline, data
 from .distributed import World
 from .recipe import DataConfig, Recipe
 
@@ -62,12 +62,16 @@ def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: dat
                    batch_size: int):
     """(loader, device input) for training: PIL and timm's transforms in loader workers, or DALI (data.pipeline)."""
     device_input = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
+    transform = data.train_transform(recipe.data, recipe.aug, norm)
+    # once a run, at data.img_size (DALI runs timm's RandAugment ops and ranges too): a ramp's smaller sizes translate
+    # by the same share of the image
+    augment.warn_beyond_timm_range(transform.transforms, recipe.data.img_size)
     if recipe.data.pipeline == 'dali':
         loader = dali_pipeline.DaliLoader(source, sampler, batch_size, recipe.data, recipe.aug, recipe.train.seed,
                                           world.device)
         return loader, device_input
     sized = {size: data.train_transform(recipe.data, recipe.aug, norm, size) for size in set(sampler.sizes or ())}
-    dataset = data.TransformedDataset(source, data.train_transform(recipe.data, recipe.aug, norm), sized)
+    dataset = data.TransformedDataset(source, transform, sized)
     loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
                               pin_memory=world.device.type == 'cuda')
     return loader, device_input

@@ -57,16 +57,26 @@ def write_preview(run: Run) -> list[Path]:
     """The table always; the picture where matplotlib is installed. Spends nothing of the run but RNG draws."""
     folder = run.run_dir / 'plots'
     folder.mkdir(parents=True, exist_ok=True)
-    rand_augment = recipe_rand_augment(run)
+    rand_augment, note = recipe_rand_augment(run), ramp_note(run.train_sampler.sizes)
     table = folder / 'augment_preview.md'
-    table.write_text(effects_table(rand_augment, run.recipe.data.img_size, run.recipe.name))
+    table.write_text(effects_table(rand_augment, run.recipe.data.img_size, run.recipe.name, note))
     plt = pyplot()
     if plt is None:
         return [table]
     images, captions = augmented_batch(run, rand_augment)
     title = (f'{run.recipe.name}: what training sees at {images.shape[-1]} px (full transform and batch mixing); '
-             f'under each image the RandAugment ops that changed it')
+             f'under each image the RandAugment ops that changed it') + (f'\n({note})' if note else '')
     return [save_figure(draw_mosaic(plt, images, captions, title), folder / 'augment_preview.png'), table]
+
+
+def ramp_note(sizes: Optional[list[int]]) -> str:
+    """What the preview's size is within a progressive-resolution ramp (every epoch's train size; None: no ramp). The
+    preview shows data.img_size, the ramp's last size; its earlier sizes crop the same way and RandAugment moves
+    pixels by the same share of the image (timm's relative translates, Google's scaled with the size)."""
+    if not sizes:
+        return ''
+    return (f'the last train size: schedule.train_size_ramp trains from {sizes[0]} px, where translates move by the '
+            f'same share of the image')
 
 
 def draw_mosaic(plt, images: torch.Tensor, captions: list[str], title: str):
@@ -120,10 +130,10 @@ def prepared_batch(run: Run, size: int, rand_augment: Optional[RandAugment] = No
     return run.train_input(run.train_loader.collate_fn(samples)), captions
 
 
-def effects_table(rand_augment: Optional[RandAugment], img_size: int, name: str) -> str:
+def effects_table(rand_augment: Optional[RandAugment], img_size: int, name: str, note: str = '') -> str:
     if rand_augment is None:
         return f'# RandAugment in {name}\n\nThis recipe has no RandAugment.\n'
-    lines = [f'# RandAugment in {name} at {img_size} px', '',
+    lines = [f'# RandAugment in {name} at {img_size} px' + (f' ({note})' if note else ''), '',
              f'{rand_augment.num_layers} layers, each picking one of {len(rand_augment.ops)} ops; largest effect at '
              f'the largest level the op can draw (px for translates and cutout, degrees for rotate and shear, the '
              f'level for the rest).', '',

@@ -53,6 +53,29 @@ def write_recipe(tmp_path):
     return write
 
 
+RAMP = {'schedule': {'epochs': 3, 'train_size_ramp': {'start_size': 16, 'end_epoch': 2}}}  # 16, 24, 32 px
+
+
+class FakeDeviceClock:
+    """Seconds as a device would spend them, so that timing code can be checked on a CPU without timing the CPU: each
+    forward of the module it is attached to costs LATENCY + PER_PIXEL x samples x px^2, and the first at a new input
+    shape SET_UP more (on a GPU, cuDNN autotuning and kernel set-up). Nothing else takes time."""
+    LATENCY, PER_PIXEL, SET_UP = 0.05, 1e-5, 10.0
+
+    def __init__(self, module: torch.nn.Module):
+        self.now, self.shapes = 0.0, set()
+        module.register_forward_pre_hook(self.charge)
+
+    def forward_seconds(self, samples: int, px: int) -> float:
+        return self.LATENCY + self.PER_PIXEL * samples * px ** 2
+
+    def charge(self, module, args):
+        images = args[0]
+        self.now += self.forward_seconds(len(images), images.shape[-1]) + (
+            0 if images.shape in self.shapes else self.SET_UP)
+        self.shapes.add(images.shape)
+
+
 def run_cli(script: str, *args, cwd=None, timeout=600, env=None):
     """Run train.py / validate.py as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,

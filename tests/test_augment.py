@@ -13,9 +13,13 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
-from mnv_train import augment
+from mnv_train import augment, distributed, logs
+from mnv_train import recipe as recipes
 from mnv_train.augment import GoogleMixup, tf_rand_augment
+from mnv_train.build import build_run
 from mnv_train.errors import UserError
+
+from conftest import RAMP, merge
 
 GOOGLE_OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
               'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd']
@@ -320,6 +324,15 @@ def test_timm_randaugment_past_magnitude_10_warns_in_one_line_with_the_op_and_it
     augment.warn_beyond_timm_range([timm_rand_augment('rand-m9-inc1-mstd1.0')], 384)
     augment.warn_beyond_timm_range([timm_rand_augment('rand-m15-n2')], 384)  # timm clamps this to 10
     assert capsys.readouterr().err == ''
+
+
+def test_a_ramped_run_warns_once_at_its_full_size_not_once_per_train_size(write_recipe, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(logs, '_main', True)
+    recipe = recipes.load(str(write_recipe(merge(RAMP, {'aug': {'auto_augment': 'rand-m15-mmax15-n2-mstd0-p1.0'}}))))
+    build_run(recipe, distributed.init('cpu'), tmp_path / 'run')  # builds a transform at 16, 24 and 32 px
+    warnings = [line for line in capsys.readouterr().err.splitlines() if '(> 10)' in line]
+    assert len(warnings) == 1 and 'TranslateXRel reaches 22 px at 32 px' in warnings[0], warnings
 
 
 def test_the_largest_effects_come_from_timms_level_functions_and_leave_the_random_stream_alone():

@@ -1,5 +1,7 @@
 """The benchmark tool and the pre-resize tool, on tiny data."""
 import json
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from mnv_train import bench, distributed, preresize
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run, compile_telling_time
 
-from conftest import ONE_EPOCH, train_tiny
+from conftest import ONE_EPOCH, RAMP, FakeDeviceClock, train_tiny
 
 
 @pytest.fixture
@@ -73,6 +75,34 @@ def test_a_compiled_run_prints_its_compile_time_once(tmp_path, capsys, dynamo_of
     train_tiny(tmp_path, {**ONE_EPOCH, 'train': {'compile': True, 'compile_mode': 'reduce-overhead'}})
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('train.compile')]
     assert len(lines) == 1 and 'train.compile (reduce-overhead): the first forward took' in lines[0]
+
+
+def test_bench_ramp_measures_each_train_size_after_its_own_warm_up_and_the_epoch_time_ratio(write_recipe, tmp_path,
+                                                                                            monkeypatch):
+    run = build_run(recipes.load(str(write_recipe(RAMP))), distributed.init('cpu'), tmp_path / 'run',
+                    per_device_batch=8)
+    clock = FakeDeviceClock(run.model)  # the first step at each size costs 10 s more: warm-up must not count it
+    monkeypatch.setattr(bench, 'time', SimpleNamespace(perf_counter=lambda: clock.now))
+    result = bench.ramp_rates(run, steps=2, warmup=1)
+    seconds = {px: clock.forward_seconds(8, px) for px in (16, 24, 32)}  # a step; the update runs no forward
+    assert result['model'] == pytest.approx({str(px): 8 / step for px, step in seconds.items()})
+    assert result['epochs'] == {'16': 1, '24': 1, '32': 1}
+    assert result['epoch_time_ratio'] == pytest.approx(sum(seconds.values()) / (3 * seconds[32]))
+
+
+def test_bench_ramp_prints_each_size_and_the_ratio_and_refuses_a_recipe_without_a_ramp(write_recipe, tmp_path,
+                                                                                        capsys):
+    out = tmp_path / 'ramp.json'
+    assert bench.main(['--recipe', str(write_recipe(RAMP)), '--ramp', '--steps', '1', '--warmup', '1',
+                       '--json', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result['model']) == ['16', '24', '32'] and all(rate > 0 for rate in result['model'].values())
+    printed = capsys.readouterr().out
+    assert re.search(r'^ +24 +1 +[\d.]+$', printed, re.M), printed
+    assert f'epoch time, ramped / every epoch at 32 px: {result["epoch_time_ratio"]:.3f}' in printed
+    assert bench.main(['--recipe', str(write_recipe()), '--ramp']) == 2
+    assert capsys.readouterr().err.strip() == ('error: --ramp: recipe tiny has no schedule.train_size_ramp; give a '
+                                               'progressive-resolution recipe such as mnv4_hybrid_large_prog')
 
 
 def test_bench_refuses_a_dataset_too_small_for_the_steps(write_recipe, capsys):

@@ -9,6 +9,8 @@ from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import train_main
 
+from conftest import RAMP, FakeDeviceClock
+
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -78,6 +80,23 @@ def test_dry_run_times_a_probe_batch_and_scales_it_when_a_micro_batch_is_slow(wr
     text = capsys.readouterr().out
     assert '(3 micro-batches of 2 timed and scaled to the per-device 16)' in text
     assert '(2 micro-batches + update)' in text and 'model compute only' in text
+
+
+def test_the_dry_run_times_every_shape_warm_so_a_slow_first_call_neither_stops_the_probe_nor_flattens_the_ramp(
+        built, monkeypatch):
+    # on an H200 the first call at batch 2 took seconds (cuDNN autotuning): the probe stopped there and scaled a
+    # latency-bound time, the same img/s at every ramp size
+    run = built(RAMP)
+    clock = FakeDeviceClock(run.model)
+    monkeypatch.setattr(dryrun, 'synchronized_time', lambda device: clock.now)
+    text = '\n'.join(dryrun.benchmark_lines(run))
+    assert '(mean of 3 micro-batches of 16)' in text, text  # the per-device batch, not a probe of 2
+    step = {px: 2 * clock.forward_seconds(16, px) for px in (16, 24, 32)}  # 2 micro-batches; updates run no forward
+    rates = {int(px): float(rate) for px, rate in re.findall(r'^ +(16|24|32) +1 +33% +([\d.]+) ', text, re.M)}
+    assert rates == pytest.approx({px: 32 / seconds for px, seconds in step.items()}, abs=0.5), text
+    assert rates[16] > rates[24] > rates[32]
+    saved = 1 - sum(step.values()) / (3 * step[32])
+    assert f'saved, {100 * saved:.0f} % of the training time' in text, text
 
 
 def test_epoch_summary_marks_ema_numbers_while_the_ema_is_warming_up(built):

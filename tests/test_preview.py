@@ -5,10 +5,13 @@ import re
 
 import pytest
 
-from mnv_train import data
+from mnv_train import data, distributed, preview
 from mnv_train import recipe as recipes
+from mnv_train.build import build_run
 from mnv_train.cli import train_main
 from mnv_train.preview import effects_table, find_rand_augment
+
+from conftest import RAMP, merge
 
 OLD_TIMM_STRING = 'rand-m15-mmax15-n2-mstd0-p1.0'  # mnv4_hybrid_large's string before the fix
 
@@ -55,6 +58,16 @@ def test_dry_run_writes_the_preview_picture_and_the_table_beside_it(dry_run_fold
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
     text = table.read_text()
     assert text.startswith('# RandAugment in tiny at 32 px') and text.count('\n| ') == 16  # header + 15 ops
+
+
+def test_a_ramped_runs_preview_says_it_shows_the_last_train_size_and_where_the_ramp_starts(write_recipe, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(preview, 'pyplot', lambda: None)  # the table alone
+    recipe = recipes.load(str(write_recipe(merge(RAMP, {'aug': {'auto_augment': 'rand-m9-n2-mstd0-p1.0'}}))))
+    [table] = preview.write_preview(build_run(recipe, distributed.init('cpu'), tmp_path / 'run'))
+    assert table.read_text().startswith('# RandAugment in tiny at 32 px (the last train size: '
+                                        'schedule.train_size_ramp trains from 16 px, where translates move by the '
+                                        'same share of the image)\n')
 
 
 def test_the_preview_captions_name_the_ops_that_changed_each_image_and_the_mixed_label_weight(write_recipe,
