@@ -304,6 +304,8 @@ class DaliLoader:
                 'dali': None if state is None else torch.frombuffer(bytearray(state), dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict):
+        if 'iterations' not in state:  # saved before DALI's workers read the files: its generators start from the seed
+            state = {'taken': state['taken'], 'dali': None}
         self.taken, self.pipe = state['taken'], None
         self.restored = None if state['dali'] is None else state['dali'].numpy().tobytes()
         self.iterations = 0 if state['dali'] is None else state['iterations']

@@ -149,6 +149,15 @@ def test_a_loader_restored_mid_epoch_repeats_the_uninterrupted_batches_and_next_
         assert torch.equal(a, b)
 
 
+def test_a_dali_state_saved_before_the_iteration_count_resumes_the_sample_order_from_the_seed(two_epochs):
+    _, first, _, state, _ = two_epochs
+    resumed = loader(JpegFiles(16))
+    resumed.load_state_dict({key: value for key, value in state.items() if key != 'iterations'})
+    rest = epoch(resumed, 0, start=2 * BATCH)
+    assert [labels.tolist() for _, labels, _ in rest] == [labels.tolist() for _, labels, _ in first[2:]]
+    assert resumed.restored is None  # DALI's own state belongs to another way of counting: not restored
+
+
 def test_dalis_checkpoint_is_taken_only_for_a_saved_state_and_a_new_epochs_pipeline(two_epochs):
     assert two_epochs[-1] == 2  # 8 batches handed out
 
