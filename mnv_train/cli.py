@@ -234,7 +234,8 @@ def resume_run(run: Run, mode: Optional[str], payload: Optional[dict], resume_pa
 def check_recipe_changes(saved: dict, recipe: recipes.Recipe, source: Path, allowed: bool):
     """Every key that differs from the checkpoint's recipe is reported; keys that change what the run computes
     (not only how long it runs or what it logs) need --allow-recipe-change."""
-    changes = resume.recipe_changes(recipes.from_dict(saved).to_dict(), recipe.to_dict())  # defaults filled in
+    changes = resume.recipe_changes(recipes.from_dict(recipes.as_saved(saved)).to_dict(),  # defaults filled
+                                     recipe.to_dict())
     refused = [f'{key} {old!r} -> {new!r}' for key, old, new, observing in changes if not observing]
     if refused and not allowed:
         raise UserError(f'resuming from {source} with a changed recipe ({"; ".join(refused)}): pass '

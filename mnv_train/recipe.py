@@ -450,6 +450,15 @@ def _without_retired(data: dict) -> dict:
     return data
 
 
+def as_saved(data: dict) -> dict:
+    """A checkpoint's recipe with the values it ran with, where it predates a key whose default is not what it did:
+    streamed runs read the shards in a uniform permutation before data.stream_order (and its default, shards)."""
+    part = data.get('data') if isinstance(data, dict) else None
+    if isinstance(part, dict) and part.get('dataset') == 'streaming' and 'stream_order' not in part:
+        data = {**data, 'data': {**part, 'stream_order': 'samples'}}
+    return data
+
+
 def from_dict(data: dict) -> Recipe:
     recipe = _build(Recipe, _without_retired(data) if isinstance(data, dict) else data, '')
     _check_consistency(recipe)

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 from test_invariance import largest_difference, torchrun_command
 
-from mnv_train import bench, checkpoint, data, errors, shard
+from mnv_train import bench, checkpoint, cli, data, errors, shard
 from mnv_train import recipe as recipes
 from mnv_train.cli import train_main
 from mnv_train.distributed import World
@@ -367,6 +367,17 @@ def test_a_streaming_recipe_without_remote_or_local_or_with_repeats_in_shard_ord
                                                              'local': str(tmp_path)}, 'aug': {'aug_repeats': 3}})))
     with pytest.raises(UserError, match='aug.aug_repeats needs data.stream_order samples'):
         recipes.load(str(path))
+
+
+def test_a_streamed_checkpoint_from_before_the_shard_order_is_refused_in_shard_order_and_resumes_in_sample_order():
+    streamed = merge(STREAMED, {'data': {'dataset': 'streaming', 'remote': 's3://b/mds', 'local': '/tmp/cache'}})
+    saved = recipes.from_dict(streamed).to_dict()
+    del saved['data']['stream_order']  # as a checkpoint saved before the key existed: it read a uniform permutation
+    current = recipes.from_dict(streamed)
+    with pytest.raises(UserError, match="data.stream_order 'samples' -> 'shards'"):
+        cli.check_recipe_changes(saved, current, 'last.pt', allowed=False)
+    cli.check_recipe_changes(saved, recipes.from_dict(merge(streamed, {'data': {'stream_order': 'samples'}})),
+                             'last.pt', allowed=False)
 
 
 def test_an_unreachable_endpoint_and_an_unusable_cache_are_one_line(monkeypatch, shards, tmp_path):
