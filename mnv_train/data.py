@@ -219,7 +219,13 @@ class StreamedImages:
         except Exception as e:  # storage clients raise their own types (botocore, google, azure): all end here
             raise DataUnavailable(f'cannot open the shards of split {split!r} at data.remote {remote}: '
                                   f'{storage_error(e)}') from None
-        self.num_classes = manifest_classes(streaming, remote, local)
+        manifest = read_manifest(streaming, remote, local)
+        self.num_classes = manifest.get('num_classes')
+        if shuffle and manifest.get('order') != 'shuffled':
+            logs.warn(f'{remote}/{split}: these shards were not written in a shuffled order (manifest order '
+                      f'{manifest.get("order", "not recorded")}), so in data.stream_order shards each step sees few '
+                      f'classes: write them again with python -m mnv_train.shard (shuffled by default), or set '
+                      f'data.stream_order samples')
         if shuffle and len(self) < shuffle['num_canonical_nodes']:  # the library's shuffle would fail mid-run
             raise UserError(f'data.num_canonical_nodes {shuffle["num_canonical_nodes"]} is more than the {len(self)} '
                             f'samples of {remote}/{split}: lower it')
@@ -307,8 +313,9 @@ def clean_stale_shared_memory_once():
         torch.distributed.barrier()
 
 
-def manifest_classes(streaming, remote: str, local: str) -> Optional[int]:
-    """The number of classes from the shard writer's manifest.json beside the splits, None without one."""
+def read_manifest(streaming, remote: str, local: str) -> dict:
+    """The shard writer's manifest.json beside the splits ({} without one): num_classes (an int) and the order the
+    samples were written in."""
     path = os.path.join(local, 'manifest.json')
     try:
         if not os.path.exists(path):  # each process to its own file first: ranks may download it at once
@@ -316,9 +323,10 @@ def manifest_classes(streaming, remote: str, local: str) -> Optional[int]:
                                                                    f'{path}.{os.getpid()}', 30)
             os.replace(f'{path}.{os.getpid()}', path)
         with open(path) as f:
-            return int(json.load(f)['num_classes'])
+            manifest = json.load(f)
+        return {**manifest, 'num_classes': int(manifest['num_classes'])}
     except Exception:  # no manifest (shards written by another tool): model.num_classes then says it
-        return None
+        return {}
 
 
 SPLIT_SYNONYMS = ({'train', 'training'}, {'val', 'valid', 'validation', 'eval', 'evaluation'})  # as timm's

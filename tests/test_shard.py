@@ -210,6 +210,17 @@ def test_a_run_from_shards_in_sample_order_trains_and_evaluates_as_the_folder_ru
     assert_same_training_state(from_folder, streamed)
 
 
+def test_shards_not_written_shuffled_warn_once_when_read_in_shard_order(folder, shards, tmp_path, capfd):
+    shuffle = data.stream_shuffle(recipes.from_dict(STREAMED).data, seed=3)
+    data.StreamedImages(str(shards), str(tmp_path / 'a'), 'train', shuffle)  # written with --order source
+    data.StreamedImages(str(shards), str(tmp_path / 'b'), 'train')  # read by index: the order does not matter
+    warned = [line for line in capfd.readouterr().err.splitlines() if 'not written in a shuffled order' in line]
+    assert len(warned) == 1 and 'manifest order source' in warned[0] and 'data.stream_order samples' in warned[0]
+    assert shard.main([str(folder), str(tmp_path / 'shuffled'), '--shard-size', '16kb']) == 0
+    data.StreamedImages(str(tmp_path / 'shuffled'), str(tmp_path / 'c'), 'train', shuffle)
+    assert 'shuffled order' not in capfd.readouterr().err
+
+
 def shards_read(source, indices) -> int:
     return len({source.dataset.spanner[i][0] for i in indices})
 
