@@ -210,8 +210,7 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
                                    total_epochs(recipe.schedule))
     train_sampler = data.EpochSampler(len(train_source), world.rank, world.size, train_cfg.seed,
                                       recipe.aug.aug_repeats, plan.per_device, plan.accum_steps, train_sizes,
-                                      train_source.shard_order if streaming and recipe.data.stream_order == 'shards'
-                                      else None)
+                                      data.own_order(train_source))
     steps_per_epoch = train_sampler.steps
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '

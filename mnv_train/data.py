@@ -211,7 +211,7 @@ class StreamedImages:
         streaming = import_streaming()
         make_folder(Path(local), 'data.local')
         clean_stale_shared_memory_once()
-        self.remote, self.split = remote, split
+        self.remote, self.split, self.shuffle = remote, split, shuffle
         try:
             self.dataset = streaming.StreamingDataset(remote=remote, local=local, split=split,
                                                       **(shuffle or {'shuffle': False}), download_retry=1,
@@ -258,6 +258,12 @@ class StreamedImages:
         from streaming.base.world import World as Layout
         work = generate_work(self.dataset.batching_method, self.dataset, Layout(1, 1, 1, 0), epoch, 0).flatten()
         return work[np.sort(np.unique(work, return_index=True)[1])]
+
+
+def own_order(source) -> Optional[Callable[[int], Sequence[int]]]:
+    """The source's own order of each epoch, for EpochSampler: StreamingDataset's for shards opened in it
+    (data.stream_order shards, the training split); None for every other source, which EpochSampler permutes."""
+    return source.shard_order if isinstance(source, StreamedImages) and source.shuffle else None
 
 
 def stream_shuffle(cfg: DataConfig, seed: int) -> dict:

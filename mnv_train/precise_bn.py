@@ -64,7 +64,8 @@ def loader_batches(loader, sampler: data.EpochSampler, device_input, epoch: int)
 def recipe_batches(recipe, norm: data.Normalization, world, batch_size: int) -> Iterator[torch.Tensor]:
     """loader_batches for tools that have a recipe but no run (validate.py, average)."""
     source = data.open_source(recipe.data, recipe.data.train_split, recipe.train.seed)
-    sampler = data.EpochSampler(len(source), world.rank, world.size, recipe.train.seed)
+    sampler = data.EpochSampler(len(source), world.rank, world.size, recipe.train.seed,
+                                epoch_order=data.own_order(source))
     loader, device_input = pipeline.training_input(recipe, source, sampler, norm, world, batch_size)
     return loader_batches(loader, sampler, device_input, epoch=0)
 

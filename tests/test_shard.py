@@ -221,6 +221,19 @@ def test_shards_not_written_shuffled_warn_once_when_read_in_shard_order(folder, 
     assert 'shuffled order' not in capfd.readouterr().err
 
 
+def test_precise_bn_recalibrates_a_streamed_run_on_its_own_first_batches_in_shard_order(shards, tmp_path):
+    from mnv_train import precise_bn
+    from mnv_train.build import build_run
+    from mnv_train.distributed import World
+    recipe = recipes.load(str(streamed_recipe(tmp_path, shards)), overrides=['train.global_batch_size=8'])
+    run = build_run(recipe, World(), tmp_path / 'run')  # one micro-batch a step: its places are the epoch's first
+    batch = run.plan.per_device
+    ours = next(precise_bn.loader_batches(run.train_loader, run.train_sampler, run.train_input, epoch=0))
+    norm = data.resolve_normalization(recipe.data, run.module)
+    tools = next(precise_bn.recipe_batches(recipe, norm, World(), batch))
+    assert torch.equal(ours, tools)
+
+
 def shards_read(source, indices) -> int:
     return len({source.dataset.spanner[i][0] for i in indices})
 
