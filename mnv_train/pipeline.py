@@ -62,14 +62,13 @@ def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: dat
                    batch_size: int):
     """(loader, device input) for training: PIL and timm's transforms in loader workers, or DALI (data.pipeline)."""
     device_input = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
-    transform = data.train_transform(recipe.data, recipe.aug, norm)
-    # once a run, at data.img_size (DALI runs timm's RandAugment ops and ranges too): a ramp's smaller sizes translate
-    # by the same share of the image
-    augment.warn_beyond_timm_range(transform.transforms, recipe.data.img_size)
-    if recipe.data.pipeline == 'dali':
+    if recipe.data.pipeline == 'dali':  # it refuses magnitudes past its range itself (dali_pipeline.check_recipe)
         loader = dali_pipeline.DaliLoader(source, sampler, batch_size, recipe.data, recipe.aug, recipe.train.seed,
                                           world.device)
         return loader, device_input
+    transform = data.train_transform(recipe.data, recipe.aug, norm)
+    # once a run, at data.img_size: a ramp's smaller sizes translate by the same share of the image
+    augment.warn_beyond_timm_range(transform.transforms, recipe.data.img_size)
     sized = {size: data.train_transform(recipe.data, recipe.aug, norm, size) for size in set(sampler.sizes or ())}
     dataset = data.TransformedDataset(source, transform, sized)
     loader = data.make_loader(dataset, sampler, batch_size, recipe.data.num_workers, drop_last=True,
