@@ -3,6 +3,7 @@ accumulation 4, 2 with 2 and 4 with 1, and across a resume that changes the worl
 import errno
 import functools
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -66,16 +67,18 @@ def largest_difference(a: dict, b: dict, statistics: bool) -> float:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory) -> dict:
-    """20 optimizer steps of 32 samples, 8 per device: {(processes, accumulation): final checkpoint}, and the
-    1-process run's checkpoint at step 16."""
+    """20 optimizer steps of 32 samples, 8 per device: {(processes, accumulation): final checkpoint}, the 1-process
+    run's checkpoint at step 16, and 'root': the folder with the recipe and each run folder ('2x2' keeps its
+    mid-epoch step-10 checkpoint, which the world-size-change resume starts from)."""
     root = tmp_path_factory.mktemp('invariance')
     recipe = root / 'invariant.yaml'
-    recipe.write_text(yaml.safe_dump(INVARIANT))
+    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {'train': {'checkpoint_every_steps': 10,
+                                                                 'keep_checkpoints': 3}})))  # steps 10, 16, 20
     assert train_main(['--recipe', str(recipe), '--output', str(root / '1x4'), '--max-steps', '20', '--quiet']) == 0
     for nproc, accum in ((2, 2), (4, 1)):
         torchrun(nproc, '--recipe', recipe, '--output', root / f'{nproc}x{accum}', '--max-steps', 20)
     return {(1, 4): last(root / '1x4'), (2, 2): last(root / '2x2'), (4, 1): last(root / '4x1'),
-            'step 16': checkpoint.load(root / '1x4' / 'checkpoints' / 'step-00000016.pt')}
+            'step 16': checkpoint.load(root / '1x4' / 'checkpoints' / 'step-00000016.pt'), 'root': root}
 
 
 @pytest.mark.parametrize('world', [(2, 2), (4, 1)])
@@ -110,19 +113,23 @@ def test_the_job_sees_the_same_micro_batches_whatever_its_world_size():
     assert micro_batches(2, 2) == micro_batches(4, 1) == one
 
 
-def test_resume_on_another_world_size_at_a_step_boundary_continues_the_same_trajectory(tmp_path):
-    recipe = tmp_path / 'invariant.yaml'
-    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {'train': {'global_batch_size': 16}})))
-    whole, moved = tmp_path / 'whole', tmp_path / 'moved'
-    assert train_main(['--recipe', str(recipe), '--output', str(whole), '--max-steps', '20', '--quiet']) == 0
-    torchrun(2, '--recipe', recipe, '--output', moved, '--max-steps', 10)
-    assert last(moved)['plan']['world_size'] == 2 and last(moved)['state']['step'] == 10
-    assert train_main(['--recipe', str(recipe), '--output', str(moved), '--resume', 'auto', '--max-steps', '20',
-                       '--quiet']) == 0
-    reference, resumed = last(whole), last(moved)
-    assert resumed['plan'] == {'world_size': 1, 'per_device': 8, 'accum_steps': 2, 'global_batch': 16}
+def test_resume_on_another_world_size_at_a_step_boundary_continues_the_same_trajectory(runs, tmp_path):
+    """The 2-process run as it stood at step 10 (mid epoch 2) resumes on 1 process x accumulation 4 and ends where
+    the 1-process run does."""
+    root, moved = runs['root'], tmp_path / 'moved'
+    shutil.copytree(root / '2x2', moved)
+    for path in (moved / 'checkpoints').glob('step-*'):
+        if int(path.name[5:13]) > 10:
+            path.unlink()
+    stopped = checkpoint.Checkpointer(moved / 'checkpoints', 3, True).latest_valid()[1]
+    assert stopped['plan']['world_size'] == 2 and stopped['state']['step'] == 10
+    assert stopped['state']['samples_in_epoch'] > 0  # mid epoch: the position within it must carry over
+    assert train_main(['--recipe', str(root / 'invariant.yaml'), '--output', str(moved), '--resume', 'auto',
+                       '--max-steps', '20', '--quiet']) == 0
+    reference, resumed = runs[(1, 4)], last(moved)
+    assert resumed['plan'] == {'world_size': 1, 'per_device': 8, 'accum_steps': 4, 'global_batch': 32}
     weights = largest_difference(reference['model'], resumed['model'], statistics=False)
-    print(f'2 processes for 10 steps, then 1 process x accumulation 2: max |weight difference| {weights:.2e}')
+    print(f'2 processes for 10 steps, then 1 process x accumulation 4: max |weight difference| {weights:.2e}')
     assert resumed['state']['step'] == 20 and weights < 1e-5
 
 
@@ -132,10 +139,14 @@ HANG_GUARD_S = 600  # far beyond a run's few seconds: only a rank left waiting i
 
 
 def two_ranks(tmp_path: Path, target, *args) -> list[str]:
-    """target(world, rank, *args) on 2 spawned gloo processes: each rank's result, or its error, as text. A rank
-    still running after the hang guard fails the test."""
+    """target(world, rank, *args) on 2 new gloo processes: each rank's result, or its error, as text. A rank still
+    running after the hang guard fails the test. They fork from multiprocessing's forkserver, a process that has
+    imported what this module needs once and run nothing: as fresh as spawned processes, without each importing
+    torch, timm and mnv_train again (about 10 s a rank on 2 shared cores)."""
+    # before the server's first start; not this module itself: Python 3.11's forkserver lacks tests/ on its path
+    multiprocessing.get_context('forkserver').set_forkserver_preload(['pytest', 'mnv_train.bench', 'mnv_train.cli'])
     ranks = torch.multiprocessing.start_processes(rank_main, args=(tmp_path, target, args), nprocs=2, join=False,
-                                                  start_method='spawn')
+                                                  start_method='forkserver')
     for process in ranks.processes:
         process.join(timeout=HANG_GUARD_S)
     hung = [rank for rank, process in enumerate(ranks.processes) if process.is_alive()]
@@ -238,7 +249,7 @@ def compiled_and_eager_losses(world: World, rank: int, root: Path) -> dict:
     8 minutes to compile (without dropout and drop-path, 2 processes: 268 s for the first forward alone) and draws
     dropout from its own generator, so the graphs run through AOTAutograd with eager kernels: the same DDP graph
     splitting and compiled backward, without the C++ build."""
-    torch.compile = functools.partial(torch.compile, backend='aot_eager')  # this spawned process only
+    torch.compile = functools.partial(torch.compile, backend='aot_eager')  # this rank's process only
     losses = {}
     for compiled in (False, True):
         recipe = recipes.from_dict(merge(INVARIANT, {'data': {'img_size': 32},
@@ -266,13 +277,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes(tmp_path):
+NODES = merge(INVARIANT, {'data': {'img_size': 32, 'synthetic_train_size': 256},  # 16 steps
+                          'schedule': {'epochs': 1, 'warmup_epochs': 0.1},
+                          'train': {'global_batch_size': 16, 'log_every': 1000, 'checkpoint_every_steps': 2}})
+
+
+@pytest.fixture(scope='module')
+def one_node(tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, final checkpoint) of the NODES recipe on one torchrun node with two processes: the uninterrupted run
+    that both two-node tests must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp('one-node')
+    recipe = root / 'nodes.yaml'
+    recipe.write_text(yaml.safe_dump(NODES))
+    torchrun(2, '--recipe', recipe, '--output', root / 'run')
+    return recipe, root / 'run' / 'checkpoints' / 'last.pt'
+
+
+def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes(one_node, tmp_path):
     """Two agents rendezvous over c10d as two nodes would, each with one process, and agree on the run folder."""
-    recipe = tmp_path / 'nodes.yaml'
-    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {
-        'data': {'img_size': 32, 'synthetic_train_size': 128}, 'schedule': {'epochs': 1, 'warmup_epochs': 0.1},
-        'train': {'global_batch_size': 16, 'log_every': 1000}})))  # 8 steps
-    torchrun(2, '--recipe', recipe, '--output', tmp_path / 'one-node')
+    recipe, reference = one_node
     nodes, out = f'--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{free_port()}', tmp_path / 'two-nodes'
     # one thread a process, as torchrun sets for the 2-process agent but not for agents of 1: bit identity needs the
     # same thread count (a 2-thread process sums in another order)
@@ -282,8 +305,8 @@ def test_two_torchrun_nodes_train_bit_identically_to_one_node_with_two_processes
     for agent in agents:
         _, stderr = agent.communicate(timeout=600)
         assert agent.returncode == 0, stderr[-3000:]
-    one, two = last(tmp_path / 'one-node'), last(out)
-    assert two['state']['step'] == one['state']['step'] == 8
+    one, two = checkpoint.load(reference), last(out)
+    assert two['state']['step'] == one['state']['step'] == 16
     for key in one['model']:
         assert torch.equal(one['model'][key], two['model'][key]), key
 
@@ -295,15 +318,11 @@ def worker_of(agent: subprocess.Popen) -> int:
     return int(children[0])
 
 
-def test_a_node_whose_worker_is_killed_rejoins_and_the_pair_ends_bit_identical(tmp_path):
+def test_a_node_whose_worker_is_killed_rejoins_and_the_pair_ends_bit_identical(one_node, tmp_path):
     """kill -9 of one node's worker: both agents restart (--max-restarts 1), every rank resumes from the newest
     checkpoint, and the run ends as an uninterrupted one. Each attempt's rank 0 hosts its own store
     (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as README asks for restarts across nodes)."""
-    recipe = tmp_path / 'nodes.yaml'
-    recipe.write_text(yaml.safe_dump(merge(INVARIANT, {
-        'data': {'img_size': 32, 'synthetic_train_size': 256}, 'schedule': {'epochs': 1, 'warmup_epochs': 0.1},
-        'train': {'global_batch_size': 16, 'log_every': 1000, 'checkpoint_every_steps': 2}})))  # 16 steps
-    torchrun(2, '--recipe', recipe, '--output', tmp_path / 'whole')
+    recipe, reference = one_node
     nodes, out = f'--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{free_port()}', tmp_path / 'killed'
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
     agents = [subprocess.Popen(torchrun_command(1, '--recipe', recipe, '--output', out, nodes=nodes, restarts=1),
@@ -322,7 +341,7 @@ def test_a_node_whose_worker_is_killed_rejoins_and_the_pair_ends_bit_identical(t
     assert 'failed (exitcode: -9)' in logs[1]  # the kill came before the end, and the run resumed (a fresh start
     # in a folder with checkpoints is refused)
     assert last(out)['state']['step'] == 16
-    assert_same_training_state(out / 'checkpoints' / 'last.pt', tmp_path / 'whole' / 'checkpoints' / 'last.pt')
+    assert_same_training_state(out / 'checkpoints' / 'last.pt', reference)
 
 
 def trajectory_lines(capsys) -> list[str]:

@@ -32,12 +32,13 @@ def final(out):
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
-    """(recipe, final checkpoint of an undisturbed run of it), trained once for this module's tests."""
+    """(recipe, final checkpoint of an undisturbed run of it, its run folder), trained once for this module's
+    tests; validate may add its result files to the folder, nothing else writes there."""
     root = tmp_path_factory.mktemp('reference')
     recipe = root / 'tiny.yaml'
     recipe.write_text(yaml.safe_dump(merge(TINY, LONGER)))
     assert train_main(['--recipe', str(recipe), '--output', str(root / 'run'), '--quiet']) == 0
-    return recipe, final(root / 'run')
+    return recipe, final(root / 'run'), root / 'run'
 
 
 def write_lock(folder, host, pid, heartbeat_age):
@@ -48,7 +49,7 @@ def write_lock(folder, host, pid, heartbeat_age):
 
 
 def test_a_second_job_on_a_folder_in_use_is_refused_and_the_first_finishes_unharmed(reference, tmp_path, capsys):
-    recipe, expected = reference
+    recipe, expected, _ = reference
     out = tmp_path / 'shared'
     first = start(recipe, out)
     wait_for(out / 'checkpoints' / 'step-00000002.pt.json', first)
@@ -62,7 +63,7 @@ def test_a_second_job_on_a_folder_in_use_is_refused_and_the_first_finishes_unhar
 
 
 def test_after_a_kill_9_the_next_job_takes_over_the_stale_lock_and_resumes_exactly(reference, tmp_path, capsys):
-    recipe, expected = reference
+    recipe, expected, _ = reference
     out = tmp_path / 'crashed'
     holder = start(recipe, out)
     wait_for(out / 'checkpoints' / 'step-00000004.pt.json', holder)
@@ -123,9 +124,8 @@ def test_the_lock_is_held_while_the_report_is_written(write_recipe, tmp_path, mo
     assert held == [True] and not (tmp_path / 'run' / LOCK_NAME).exists()
 
 
-def test_validate_reads_a_checkpoint_of_a_locked_run_folder(write_recipe, tmp_path):
-    out = tmp_path / 'run'
-    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet']) == 0
+def test_validate_reads_a_checkpoint_of_a_locked_run_folder(reference):
+    out = reference[2]
     lock = RunLock(out, stale_minutes=10)
     lock.acquire()  # as a job still training there would hold it
     try:

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from mnv_train import checkpoint
 from mnv_train.cli import train_main, validate_main
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, train_tiny
 
 
 def final_weights(run_dir):
@@ -105,20 +106,24 @@ def test_bad_input_is_one_line_on_stderr_without_traceback(args, message, tmp_pa
     assert 'Traceback' not in result.stderr
 
 
-def test_an_existing_run_is_never_overwritten(write_recipe, tmp_path, capsys):
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """The folder of one finished run of the tiny recipe, for the tests that only read a run (never written to)."""
+    return train_tiny(tmp_path_factory.mktemp('tiny'), {})[1]
+
+
+def test_an_existing_run_is_never_overwritten(tiny_run, write_recipe, tmp_path, capsys):
     out = tmp_path / 'run'
-    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet']) == 0
+    shutil.copytree(tiny_run, out)  # this test's own copy: a broken build would overwrite it
     before = (out / 'checkpoints' / 'last.pt').read_bytes()
     assert train_main(['--recipe', str(write_recipe()), '--output', str(out)]) == 2
     assert 'already holds checkpoints' in capsys.readouterr().err
     assert (out / 'checkpoints' / 'last.pt').read_bytes() == before
 
 
-def test_validate_at_another_resolution_and_crop(write_recipe, tmp_path, capsys):
-    out = tmp_path / 'run'
-    assert train_main(['--recipe', str(write_recipe()), '--output', str(out), '--quiet']) == 0
+def test_validate_at_another_resolution_and_crop(tiny_run, tmp_path, capsys):
     target = tmp_path / 'eval.json'
-    assert validate_main([str(out / 'checkpoints' / 'best.pt'), '--img-size', '40', '--crop-pct', '0.9',
+    assert validate_main([str(tiny_run / 'checkpoints' / 'best.pt'), '--img-size', '40', '--crop-pct', '0.9',
                           '--json', str(target)]) == 0
     result = json.loads(target.read_text())
     assert (result['img_size'], result['crop_pct'], result['weights']) == (40, 0.9, 'ema')
