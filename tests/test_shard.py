@@ -57,6 +57,18 @@ def write_folder(root, per_class: dict):
     return root
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Every run here on one thread, as torchrun's ranks are (OMP_NUM_THREADS=1): a CPU's sums depend on the thread
+    count, and the resumes below compare runs that crossed from torchrun's ranks to this process (seen: 1.7e-5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv('OMP_NUM_THREADS', '1')  # the runs started as processes
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp('folder'), {'train': 24, 'validation': 4})
