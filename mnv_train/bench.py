@@ -151,7 +151,10 @@ def print_ramp_rates(result: dict, img_size: int):
 
 
 def streamed_variant(recipe: recipes.Recipe, shards: str, cache: Path) -> recipes.Recipe:
-    return replace(recipe, data=replace(recipe.data, dataset='streaming', remote=shards, local=str(cache)))
+    """The recipe reading `shards`, checked as a recipe file would be (a setting streaming refuses is one line)."""
+    values = recipe.to_dict()
+    return recipes.from_dict({**values, 'data': {**values['data'], 'dataset': 'streaming', 'remote': shards,
+                                                 'local': str(cache)}})
 
 
 def shard_comparison(folder: Run, streamed: Run, steps: int, warmup: int, rounds: int) -> dict:

@@ -356,6 +356,13 @@ def test_bench_compares_the_input_rate_of_the_shards_with_the_folder_round_by_ro
     assert all(rate > 0 for rate in result['input_folder'] + result['input_streaming'])
 
 
+def test_bench_refuses_in_one_line_what_a_streaming_recipe_refuses(folder, shards, tmp_path, capfd):
+    recipe = recipe_file(tmp_path / 'folder.yaml', dataset='folder', data_dir=str(folder))
+    assert bench.main(['--recipe', str(recipe), '--compare-shards', str(shards), '--set', 'aug.aug_repeats=3']) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'aug.aug_repeats needs data.stream_order samples' in err[0], err
+
+
 # ---------------------------------------------------------------------------------------------- remote and bad input
 
 @pytest.fixture
