@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 import subprocess
 import sys
@@ -11,6 +12,12 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest -n: the workers share the cores, so each computes on one thread, as do the processes it starts
+    # (torchrun's ranks already do); a test that needs more threads asks for them itself
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
 
 TINY = {
     'model': {'name': 'mobilenetv4_conv_small'},
