@@ -219,7 +219,7 @@ class StreamedImages:
         except Exception as e:  # storage clients raise their own types (botocore, google, azure): all end here
             raise DataUnavailable(f'cannot open the shards of split {split!r} at data.remote {remote}: '
                                   f'{storage_error(e)}') from None
-        manifest = read_manifest(streaming, remote, local)
+        manifest = read_shard_manifest(streaming, remote, local)
         self.num_classes = manifest.get('num_classes')
         if shuffle and manifest.get('order') != 'shuffled':
             logs.warn(f'{remote}/{split}: these shards were not written in a shuffled order (manifest order '
@@ -319,7 +319,7 @@ def clean_stale_shared_memory_once():
         torch.distributed.barrier()
 
 
-def read_manifest(streaming, remote: str, local: str) -> dict:
+def read_shard_manifest(streaming, remote: str, local: str) -> dict:
     """The shard writer's manifest.json beside the splits ({} without one): num_classes (an int) and the order the
     samples were written in."""
     path = os.path.join(local, 'manifest.json')
