@@ -1,3 +1,4 @@
+import contextlib
 import gzip
 import os
 import struct
@@ -58,6 +59,18 @@ def write_recipe(tmp_path):
         path.write_text(yaml.safe_dump(merge(TINY, changes or {})))
         return path
     return write
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread in this process and in the processes it starts (OMP_NUM_THREADS), as torchrun's ranks
+    are; both restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv('OMP_NUM_THREADS', '1')
+        yield
+    torch.set_num_threads(threads)
 
 
 RAMP = {'schedule': {'epochs': 3, 'train_size_ramp': {'start_size': 16, 'end_epoch': 2}}}  # 16, 24, 32 px

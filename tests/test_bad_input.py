@@ -26,25 +26,23 @@ from PIL import Image
 from mnv_train import average, bench, checkpoint, export, lr_find, preresize, report
 from mnv_train.cli import train_main, validate_main
 
-from conftest import ONE_EPOCH, REPO, TINY, merge, run_cli, train_tiny
+from conftest import ONE_EPOCH, REPO, TINY, merge, one_thread, run_cli, train_tiny
 
 MNV3 = {'model': {'name': 'mobilenetv3_small_100'}}
 SMALL_RUN = merge(ONE_EPOCH, {'data': {'synthetic_train_size': 64, 'synthetic_val_size': 16}})  # 2 steps
 FOLDER = merge(ONE_EPOCH, {'data': {'dataset': 'folder'}, 'train': {'global_batch_size': 4, 'batch_size': 4}})
-FRESH = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}  # this checkout; one thread (see one_thread)
+FRESH = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}  # this checkout; one thread (see single_thread)
 
 
 @pytest.fixture(scope='module', autouse=True)
-def one_thread():
+def single_thread():
     """Every case is tiny; on cores shared with other work, a second torch thread spins more than it helps."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, one_thread) -> Path:
+def trained(tmp_path_factory, single_thread) -> Path:
     """The one tiny run (mobilenetv4_conv_small, 4 synthetic classes, one epoch of 2 steps) every case may read."""
     return train_tiny(tmp_path_factory.mktemp('bad-input'), SMALL_RUN)[1]
 

@@ -27,7 +27,7 @@ from mnv_train.distributed import World
 from mnv_train.errors import UserError
 from mnv_train.recipe import AugConfig, DataConfig
 
-from conftest import REPO, TINY, assert_same_training_state, merge, wait_for
+from conftest import REPO, TINY, assert_same_training_state, merge, one_thread, wait_for
 
 # SGD at a small LR, per-sample RandAugment, Mixup+CutMix and erasing: as test_invariance's recipe, whose comment
 # explains why the world sizes then differ by float sums only. 72 images, 16 a step: 4 steps an epoch, 8 in all.
@@ -58,15 +58,11 @@ def write_folder(root, per_class: dict):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def one_thread():
+def single_thread():
     """Every run here on one thread, as torchrun's ranks are (OMP_NUM_THREADS=1): a CPU's sums depend on the thread
     count, and the resumes below compare runs that crossed from torchrun's ranks to this process (seen: 1.7e-5)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv('OMP_NUM_THREADS', '1')  # the runs started as processes
+    with one_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
