@@ -88,23 +88,6 @@ class Run:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]['lr']
 
-    def input_state(self) -> Optional[dict]:
-        """The training input's own state, where it has one (DALI's generators), after this rank's samples so far.
-        Only rank 0 writes checkpoints: with more ranks there is none, and each rank's DALI restarts from a seed
-        derived from its position (sample order stays exact, augmentations do not)."""
-        if isinstance(self.train_loader, dali_pipeline.DaliLoader) and self.world.size == 1:
-            return self.train_loader.state_dict(self.state.samples_seen // self.world.size)
-        return None
-
-    def restore_input(self, state: Optional[dict]):
-        """Put input_state back. DALI starts from its seed instead where the state is not this rank's at this
-        position: none saved (the host pipeline, or several ranks), or saved elsewhere in the epoch (a resume that
-        changed the world size or rounded the position to a step)."""
-        if isinstance(self.train_loader, dali_pipeline.DaliLoader):
-            taken = self.state.samples_seen // self.world.size
-            usable = state is not None and self.world.size == 1 and state['taken'] == taken
-            self.train_loader.load_state_dict(state if usable else {'taken': taken, 'dali': None})
-
 
 # DDP keyword that stops it from copying rank 0's buffers (BatchNorm statistics) to every rank at each forward:
 # torch 2.14 renamed it and deprecates the old name, which older torch still needs
@@ -215,10 +198,6 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
     if steps_per_epoch == 0:
         raise UserError(f'{recipe.data.dataset} has {len(train_source)} training samples, fewer than one global '
                         f'batch of {plan.global_batch}; lower train.global_batch_size')
-    if recipe.data.pipeline == 'dali' and train_cfg.precise_bn_batches:
-        # DALI's generators run on from batch to batch: precise BN's batches would move training's augmentations
-        raise UserError('train.precise_bn_batches runs with data.pipeline host only: set it 0 or use the host '
-                        'pipeline')
     train_loader, train_input = pipeline.training_input(recipe, train_source, train_sampler, norm, world,
                                                         plan.per_device)
 

@@ -1,32 +1,25 @@
 """The training input on NVIDIA DALI (data.pipeline: dali), for small models that host cores cannot feed.
 
 DALI decodes the JPEGs (the GPU's hardware decoder when training on CUDA, its CPU backend otherwise, which is what
-the tests run), then crops (RandomResizedCrop), flips and runs RandAugment (nvidia.dali.auto_aug) on its own
-stream; the batch arrives as uint8 CHW and is normalised like the host path's (data.DeviceNormalize).
+the tests run), then crops, resizes, flips and runs RandAugment (nvidia.dali.auto_aug's ops) on its own stream;
+the batch arrives as uint8 CHW and is normalised like the host path's (data.DeviceNormalize).
 
 Sample order is ours: EpochSampler's indices reach DALI through a per-sample external source (EpochFiles), so
 epochs, evaluation and checkpoints mean what they mean on the host path. The files are read, header-checked and
 replaced when unreadable in DALI's Python workers (data.num_workers processes, its parallel external source),
-PREFETCH batches ahead, not in the training process's main thread inside pipe.run(): there they ran serially with
-the training step. Each sample's place comes from DALI's SampleInfo, not from a shared iterator, so the read-ahead
-takes no sample twice and skips none.
+PREFETCH batches ahead, not in the training process's main thread inside pipe.run(). Each sample's place comes
+from DALI's SampleInfo, not from a shared iterator, so the read-ahead takes no sample twice and skips none.
 
-Augmentation randomness is DALI's: its generators are seeded from (seed, rank, samples taken) when a run starts
-and then run on from batch to batch, rather than being derived from (seed, epoch, position) for every sample as on
-the host path. Exact resume therefore keeps DALI's pipeline checkpoint (its RNG states) in ours, and the pipeline
-is rebuilt from the state after the last batch taken at every epoch start, because DALI reads ahead and an epoch's
-read-ahead must not advance the generators. The cost is a new set of workers per epoch (forked on CPU, spawned on
-CUDA, where the dataset is pickled into each).
-
-DALI's checkpoint is taken only when it is asked for (a checkpoint being saved, which only a single process does,
-and each epoch's new pipeline), not after every batch. That is exact at any moment despite DALI's read-ahead
-(prefetch_queue_depth): with checkpointing enabled DALI snapshots every iteration it computes, and
-Pipeline.checkpoint() returns the snapshot of the last batch it handed out, not of the ones it has prefetched.
-What must not read ahead is our side: DaliLoader.prefetches tells data.device_batches not to take the next batch
-before the current step is done, so the last batch handed out is the last one trained on.
+DALI draws nothing itself. Each sample's crop window, flip and RandAugment ops and signs are drawn in the worker
+that reads it, by the host path's own timm transforms under the host path's seed for that place of the epoch
+(SampleDraws), and reach DALI beside the file's bytes. So a sample is augmented the same on any number of ranks,
+workers or restarts, as on the host path: resume and a change of world size need no DALI state, and the draws
+are the host path's, only the pixel work is DALI's.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import re
 import warnings
@@ -35,9 +28,21 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
-from timm.data.auto_augment import rand_augment_transform
+from timm.data.auto_augment import RandAugment, rand_augment_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import RandomHorizontalFlip
 
-from .data import UNREADABLE, DataUnavailable, EpochSampler, derive_seed, open_image, replacing_unreadable
+from .data import (
+    UNREADABLE,
+    DataUnavailable,
+    EpochSampler,
+    Normalization,
+    open_image,
+    replacing_unreadable,
+    sample_seed,
+    seed_everything,
+    train_transform,
+)
 from .errors import UserError
 from .recipe import AugConfig, DataConfig
 
@@ -47,14 +52,15 @@ PREFETCH = 2  # batches DALI computes ahead of the one handed out; its Python wo
 
 
 def import_dali():
-    """nvidia.dali's fn, types and rand_augment: an optional dependency (pip install -e '.[dali]'), imported on use."""
+    """nvidia.dali's fn, pipeline_def, types and auto_aug.core (select, signed_bin): an optional dependency
+    (pip install -e '.[dali]'), imported on use."""
     try:
         from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali.auto_aug import rand_augment
+        from nvidia.dali.auto_aug import core
     except ImportError:
         raise UserError('data.pipeline dali needs NVIDIA DALI: pip install -e \'.[dali]\' (or nvidia-dali-cuda130), '
                         'or set data.pipeline host') from None
-    return fn, pipeline_def, types, rand_augment
+    return fn, pipeline_def, types, core
 
 
 class RandAugmentPlan:
@@ -115,35 +121,93 @@ def check_recipe(cfg: DataConfig, aug: AugConfig):
         RandAugmentPlan(aug.auto_augment)
 
 
+class SampleDraws:
+    """For one sample, what the host path's transform (data.train_transform: timm's crop, flip and RandAugment)
+    draws under the sample's seed, without its pixel work: the crop window, the flip and, per RandAugment layer,
+    whether an op runs, which (its place in timm's list, which timm_op_list follows) and whether its magnitude is
+    negated. timm's RandAugment runs itself on copies of its ops whose image function only notes the call, so the
+    draws are timm's in timm's order, however timm makes them."""
+
+    def __init__(self, cfg: DataConfig, aug: AugConfig, norm: Normalization):
+        crop, flip, *rest, _to_tensor = train_transform(cfg, aug, norm).transforms
+        if not isinstance(crop, RandomResizedCropAndInterpolation) or not isinstance(flip, RandomHorizontalFlip) \
+                or not all(isinstance(t, RandAugment) for t in rest):  # check_recipe refuses what would change this
+            raise RuntimeError(f'the host transform is not crop, flip, RandAugment: {rest}')
+        self.crop, self.hflip = crop, flip.p
+        self.calls: list[tuple[int, tuple]] = []  # (op, level arguments) of each op the recording RandAugment ran
+        self.rand_augment = None
+        if rest:
+            ops = [copy.copy(op) for op in rest[0].ops]
+            for place, op in enumerate(ops):
+                op.aug_fn = functools.partial(note_call, self.calls, place)
+            self.rand_augment = RandAugment(ops, rest[0].num_layers, rest[0].choice_weights)
+        self.layers = rest[0].num_layers if rest else 0
+
+    def __call__(self, header: Image.Image, seed: int) -> tuple[np.ndarray, ...]:
+        """(anchor x y, shape w h, flip, run per layer, op per layer, negate per layer) for an image whose header
+        PIL has read (the crop draws from its size; nothing is decoded)."""
+        seed_everything(seed)  # as TransformedDataset does before the same transform
+        top, left, crop_height, crop_width = self.crop.get_params(header, self.crop.scale, self.crop.ratio)
+        flip = bool(torch.rand(1) < self.hflip)  # torchvision's RandomHorizontalFlip's draw
+        self.calls.clear()
+        if self.rand_augment is not None:
+            self.rand_augment(None)
+        runs, ops, negated = (np.zeros(self.layers, dtype=dtype) for dtype in (bool, np.int32, np.int32))
+        for layer, (op, level) in enumerate(self.calls):
+            name = self.rand_augment.ops[op].name
+            runs[layer], ops[layer] = True, op
+            below = bool(level) and level[0] < (1.0 if name.startswith(ENHANCE_OPS) else 0.0)
+            negated[layer] = below != name.startswith(MIRRORED_OPS)
+        return (np.array([left, top], dtype=np.float32), np.array([crop_width, crop_height], dtype=np.float32),
+                np.array(flip, dtype=np.int32), runs, ops, negated)
+
+
+ENHANCE_OPS = ('Color', 'Contrast', 'Brightness', 'Sharpness')  # their level is a factor around 1, not 0
+# PIL's affine matrix maps output pixels to input ones, DALI's the other way: the same signed level moves the image
+# the opposite way, so DALI takes the opposite sign
+MIRRORED_OPS = ('Shear', 'Translate')
+
+
+def note_call(calls: list, op: int, image, *level, **_):
+    """A recording RandAugment op's image function: notes that op `op` ran with `level`, leaves the image."""
+    calls.append((op, level))
+    return image
+
+
+OUTPUTS = 9  # EpochFiles' outputs per sample: bytes, label, skipped, then SampleDraws'
+
+
 class EpochFiles:
-    """DALI's per-sample source for one epoch: (file bytes, label, unreadable samples skipped) for each place of
-    the epoch's sample indices, called in DALI's Python workers (in the training process without workers). It is
-    pickled into each spawned worker, so it holds the dataset and the indices and nothing else.
+    """DALI's per-sample source for one epoch: (file bytes, label, unreadable samples skipped, then SampleDraws')
+    for each place of this rank's share of the epoch, called in DALI's Python workers (in the training process
+    without workers). It is pickled into each spawned worker, so it holds the dataset, the indices and what the
+    draws need, and nothing else."""
 
-    A pipeline restored from a checkpoint numbers its iterations on from the checkpoint's (DALI resumes a
-    SampleInfo source there), so the place in the epoch is counted from `first_iteration`, where this epoch's
-    pipeline starts."""
+    def __init__(self, dataset, indices: np.ndarray, places: np.ndarray, seed: int, epoch: int, batch_size: int,
+                 draws: SampleDraws):
+        self.dataset, self.indices, self.places = dataset, indices, places
+        self.seed, self.epoch, self.batch_size, self.draws = seed, epoch, batch_size, draws
 
-    def __init__(self, dataset, indices: np.ndarray, first_iteration: int, batch_size: int):
-        self.dataset, self.indices = dataset, indices
-        self.first_iteration, self.batch_size = first_iteration, batch_size
-
-    def __call__(self, sample_info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        place = (sample_info.iteration - self.first_iteration) * self.batch_size + sample_info.idx_in_batch
-        if place >= len(self.indices):
+    def __call__(self, sample_info) -> tuple[np.ndarray, ...]:
+        at = sample_info.idx_in_epoch
+        if at >= len(self.indices):
             raise StopIteration  # the epoch's last batch is out: DALI's read-ahead ends here
-        (data, label), skipped = replacing_unreadable(self.dataset, int(self.indices[place]), self.checked_bytes)
-        return np.frombuffer(data, dtype=np.uint8), np.array(label, dtype=np.int64), np.array(skipped, dtype=np.int64)
+        seed = sample_seed(self.seed, self.epoch, int(self.places[at]))
+        (data, label, drawn), skipped = replacing_unreadable(self.dataset, int(self.indices[at]),
+                                                             lambda index: self.read(index, seed))
+        return (np.frombuffer(data, dtype=np.uint8), np.array(label, dtype=np.int64),
+                np.array(skipped, dtype=np.int64), *drawn)
 
-    def checked_bytes(self, index: int) -> tuple[bytes, int]:
-        """A file's bytes and label; one whose header PIL cannot read is a UserError naming it, which
-        replacing_unreadable turns into a warning and the next sample, as on the host path."""
+    def read(self, index: int, seed: int) -> tuple[bytes, int, tuple]:
+        """A file's bytes, label and draws; one whose header PIL cannot read is a UserError naming it, which
+        replacing_unreadable turns into a warning and the next sample (drawn with the same seed), as on the host
+        path."""
         data, label = self.dataset.read_bytes(index)
         try:
-            Image.open(io.BytesIO(data))
+            header = Image.open(io.BytesIO(data))
         except UNREADABLE as e:
             raise UserError(f'cannot read image {self.dataset.describe(index)}: {e}') from None
-        return data, label
+        return data, label, self.draws(header, seed)
 
     def in_flight(self, batch: int, sample: Optional[int]) -> list[int]:
         """The sample indices DALI may hold while batch `batch` of the epoch is the next one out: that batch and the
@@ -159,10 +223,9 @@ def start_method(device: torch.device) -> str:
     return 'spawn' if device.type == 'cuda' else 'fork'
 
 
-def define_pipeline(cfg: DataConfig, aug: AugConfig, files: EpochFiles, batch_size: int, seed: int,
-                    device: torch.device, checkpoint: Optional[bytes]):
-    """DALI's pipeline: file bytes, labels and skip counts from `files` -> (uint8 CHW image, label, skipped)."""
-    fn, pipeline_def, types, rand_augment = import_dali()
+def define_pipeline(cfg: DataConfig, aug: AugConfig, files: EpochFiles, batch_size: int, device: torch.device):
+    """DALI's pipeline: file bytes, labels, skip counts and draws from `files` -> (uint8 CHW image, label, skipped)."""
+    fn, pipeline_def, types, auto_aug = import_dali()
     plan = RandAugmentPlan(aug.auto_augment) if aug.auto_augment else None
     suite = timm_op_list(plan.increasing) if plan else []
     size = cfg.img_size
@@ -171,28 +234,35 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, files: EpochFiles, batch_si
     workers = cfg.num_workers
     parallel = {'parallel': True, 'prefetch_queue_depth': PREFETCH} if workers else {}  # without workers: in-process
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, workers),
-                  device_id=(device.index or 0) if on_gpu else None, seed=seed, enable_checkpointing=True,
-                  enable_conditionals=plan is not None, prefetch_queue_depth=PREFETCH, py_num_workers=max(1, workers),
-                  py_start_method=start_method(device))
+    # seed: DALI draws nothing here (every random choice comes from `files`); fixed, so a draw added by mistake
+    # would at least repeat
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, workers), device_id=(device.index or 0) if on_gpu else None,
+                  seed=0, enable_conditionals=plan is not None, prefetch_queue_depth=PREFETCH,
+                  py_num_workers=max(1, workers), py_start_method=start_method(device))
     def pipeline():
-        encoded, labels, skipped = fn.external_source(source=files, num_outputs=3, batch=False, **parallel,
-                                                      dtype=[types.UINT8, types.INT64, types.INT64])
-        images = fn.decoders.image_random_crop(encoded, device='mixed' if on_gpu else 'cpu', output_type=types.RGB,
-                                               random_area=list(aug.scale), random_aspect_ratio=list(aug.ratio))
+        encoded, labels, skipped, anchor, shape, flip, runs, ops, negated = fn.external_source(
+            source=files, num_outputs=OUTPUTS, batch=False, **parallel,
+            dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT, types.FLOAT, types.INT32, types.BOOL,
+                   types.INT32, types.INT32])
+        # the host path's PIL does not turn images by their EXIF orientation, and its crop window is in file pixels
+        images = fn.decoders.image_slice(encoded, anchor, shape, normalized_anchor=False, normalized_shape=False,
+                                         device='mixed' if on_gpu else 'cpu', output_type=types.RGB,
+                                         adjust_orientation=False)
         images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
-        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=aug.hflip))
-        for _ in range(plan.layers if plan else 0):  # timm applies each of its layers with probability p
-            if fn.random.coin_flip(probability=plan.prob):
-                images = rand_augment.apply_rand_augment(suite, images, n=1, m=plan.magnitude,
-                                                         num_magnitude_bins=MAGNITUDE_BINS, shape=[size, size],
-                                                         fill_value=FILL)
+        images = fn.flip(images, horizontal=flip)
+        if plan is not None:
+            signed = auto_aug.signed_bin(plan.magnitude, random_sign=negated)
+            for layer in range(plan.layers):
+                if runs[layer]:
+                    images = auto_aug.select(suite, ops[layer], data=images, magnitude_bin=signed[layer],
+                                                  num_magnitude_bins=MAGNITUDE_BINS, shape=[size, size],
+                                                  fill_value=FILL)
         images = fn.transpose(images, perm=[2, 0, 1])
         return images, labels.gpu() if on_gpu else labels, skipped
 
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', DeprecationWarning)  # auto_aug calls DALI's deprecated fn.experimental names
-        pipe = pipeline(checkpoint=checkpoint)
+    # auto_aug calls DALI's deprecated fn.experimental names, and DALI shows that warning whatever the filters say
+    with warnings.catch_warnings(record=True):
+        pipe = pipeline()
         pipe.build()
     return pipe
 
@@ -216,31 +286,24 @@ class DaliLoader:
     prefetches = True  # DALI reads ahead on its own stream: data.device_batches must not take a batch early
 
     def __init__(self, source, sampler: EpochSampler, batch_size: int, cfg: DataConfig, aug: AugConfig,
-                 seed: int, device: torch.device):
+                 norm: Normalization, device: torch.device):
         if not hasattr(source, 'read_bytes'):
             raise UserError('data.pipeline dali reads image files: set data.dataset folder (or hfds/...), or use '
                             'data.pipeline host')
         check_recipe(cfg, aug)
         self.dataset, self.sampler, self.batch_size = source, sampler, batch_size
         self.cfg, self.aug, self.device = cfg, aug, device
-        self.seed, self.rank = seed, sampler.rank
-        self.taken = 0  # samples this rank has taken over the whole run
-        self.iterations = 0  # batches DALI handed out since its generators were seeded: its checkpoint's iteration
-        self.pipe = None  # the pipeline that handed out the last batch taken
-        self.restored: Optional[bytes] = None  # the checkpoint to start from when there is no pipeline yet
+        self.draws = SampleDraws(cfg, aug, norm)
         self.files: Optional[EpochFiles] = None  # this epoch's source, to name a file DALI failed on
         self.probe: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None  # see probe_batch
 
     def __iter__(self):
-        state = self.current_state()
-        if state is None:  # a fresh pipeline, seeded from this rank's position, counts its iterations from 0
-            self.iterations = 0
-        seed = derive_seed(self.seed, self.rank, self.taken) % 2**31  # used only without a state: a fresh start
+        """The rest of the sampler's epoch, on a new pipeline (new workers: EpochFiles holds the epoch's indices)."""
         batches = len(self.sampler) // self.batch_size
-        indices = self.sampler.indices()[:batches * self.batch_size]
-        self.files = EpochFiles(self.dataset, indices, self.iterations, self.batch_size)
-        self.pipe, self.restored = None, state  # the last epoch's pipeline, and its workers, go before this one starts
-        pipe = self.pipe = define_pipeline(self.cfg, self.aug, self.files, self.batch_size, seed, self.device, state)
+        indices, places = (part[:batches * self.batch_size] for part in self.sampler.indices_and_places())
+        self.files = EpochFiles(self.dataset, indices, places, self.sampler.seed, self.sampler.epoch, self.batch_size,
+                                self.draws)
+        pipe = define_pipeline(self.cfg, self.aug, self.files, self.batch_size, self.device)
         for batch in range(batches):
             try:
                 images, labels, skipped = (to_torch(out) for out in pipe.run())
@@ -249,8 +312,6 @@ class DaliLoader:
                 if error is None:  # anything else (memory, DALI itself) keeps its traceback
                     raise
                 raise error from None
-            self.iterations += 1
-            self.taken += len(labels)
             yield images, labels, int(skipped.sum())
 
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -288,24 +349,3 @@ class DaliLoader:
             except UserError:
                 culprits.append(index)
         return ', '.join(self.dataset.describe(index) for index in culprits or candidates)
-
-    def current_state(self) -> Optional[bytes]:
-        """DALI's checkpoint after the last batch taken (serialising it costs time: asked for only when needed);
-        None where a fresh pipeline would start here from its seed."""
-        return self.pipe.checkpoint() if self.pipe is not None else self.restored
-
-    def state_dict(self, taken: int) -> dict:
-        """DALI's checkpoint after `taken` samples of this rank, as a tensor for our checkpoint file, and its
-        iteration, where the next pipeline's EpochFiles counts from."""
-        if taken != self.taken:
-            raise RuntimeError(f'DALI\'s state is asked for after {taken} samples, but {self.taken} were taken')
-        state = self.current_state()
-        return {'taken': taken, 'iterations': self.iterations,
-                'dali': None if state is None else torch.frombuffer(bytearray(state), dtype=torch.uint8)}
-
-    def load_state_dict(self, state: dict):
-        if 'iterations' not in state:  # saved before DALI's workers read the files: its generators start from the seed
-            state = {'taken': state['taken'], 'dali': None}
-        self.taken, self.pipe = state['taken'], None
-        self.restored = None if state['dali'] is None else state['dali'].numpy().tobytes()
-        self.iterations = 0 if state['dali'] is None else state['iterations']

@@ -63,8 +63,7 @@ def training_input(recipe: Recipe, source, sampler: data.EpochSampler, norm: dat
     """(loader, device input) for training: PIL and timm's transforms in loader workers, or DALI (data.pipeline)."""
     device_input = data.DeviceNormalize(norm, world.device, recipe.train.channels_last)
     if recipe.data.pipeline == 'dali':  # it refuses magnitudes past its range itself (dali_pipeline.check_recipe)
-        loader = dali_pipeline.DaliLoader(source, sampler, batch_size, recipe.data, recipe.aug, recipe.train.seed,
-                                          world.device)
+        loader = dali_pipeline.DaliLoader(source, sampler, batch_size, recipe.data, recipe.aug, norm, world.device)
         return loader, device_input
     transform = data.train_transform(recipe.data, recipe.aug, norm)
     # once a run, at data.img_size: a ramp's smaller sizes translate by the same share of the image

@@ -66,7 +66,6 @@ def capture(run) -> tuple[dict, dict]:
         'scaler': run.scaler.state_dict(),
         'state': asdict(run.state),
         'rng': rng_state(),
-        'input': run.input_state(),  # DALI's generators, when data.pipeline is dali
         'recipe': run.recipe.to_dict(),
         'plan': {'world_size': run.plan.world_size, 'per_device': run.plan.per_device,
                  'accum_steps': run.plan.accum_steps, 'global_batch': run.plan.global_batch},
@@ -167,8 +166,7 @@ def restore(run, payload: dict, source: str) -> list[str]:
         notes.append('mid-epoch position rounded down to a whole step of the new global batch')
     if run.scheduler is not None:
         run.scheduler.step_update(run.state.step)
-    set_rng_state(payload['rng'])
-    run.restore_input(payload.get('input'))
+    set_rng_state(payload['rng'])  # a checkpoint's 'input' (DALI's generators, before it drew nothing) is ignored
     return notes
 
 

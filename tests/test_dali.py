@@ -62,10 +62,14 @@ class RecordedReads(JpegFiles):
         return super().read_bytes(index)
 
 
-def loader(source, auto_augment=RAND_AUGMENT, seed=0, workers=1) -> dali_pipeline.DaliLoader:
-    sampler = data.EpochSampler(len(source), rank=0, world_size=1, seed=seed)
-    return dali_pipeline.DaliLoader(source, sampler, BATCH, DataConfig(img_size=24, num_workers=workers),
-                                    AugConfig(auto_augment=auto_augment, train_interpolation='bicubic'), seed,
+NORM = data.Normalization((0.5,) * 3, (0.5,) * 3)
+
+
+def loader(source, auto_augment=RAND_AUGMENT, seed=0, workers=1, rank=0, world_size=1, batch=BATCH,
+           img_size=24) -> dali_pipeline.DaliLoader:
+    sampler = data.EpochSampler(len(source), rank=rank, world_size=world_size, seed=seed, micro_batch=batch)
+    return dali_pipeline.DaliLoader(source, sampler, batch, DataConfig(img_size=img_size, num_workers=workers),
+                                    AugConfig(auto_augment=auto_augment, train_interpolation='bicubic'), NORM,
                                     torch.device('cpu'))
 
 
@@ -74,42 +78,22 @@ def epoch(dali: dali_pipeline.DaliLoader, number: int, start: int = 0) -> list:
     return list(dali)
 
 
-class CountedCheckpoints:
-    """define_pipeline's pipelines, counting the DALI checkpoints taken of them."""
-
-    def __init__(self, monkeypatch):
-        self.count, define = 0, dali_pipeline.define_pipeline
-        monkeypatch.setattr(dali_pipeline, 'define_pipeline', lambda *args: self.counted(define(*args)))
-
-    def counted(self, pipe):
-        checkpoint = pipe.checkpoint
-
-        def counting():
-            self.count += 1
-            return checkpoint()
-        pipe.checkpoint = counting
-        return pipe
+def by_label(batches) -> dict:
+    """Each image of the batches under its label (the sample index: each is taken once an epoch)."""
+    return {int(label): image for images, labels, _ in batches for image, label in zip(images, labels)}
 
 
 @pytest.fixture(scope='module')
 def two_epochs():
-    """A loader over 16 files, two epochs of 4 batches, the state taken after the first two batches, and the DALI
-    checkpoints taken: for that state and for the second epoch's pipeline."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        counted, dali = CountedCheckpoints(monkeypatch), loader(JpegFiles(16))
-        dali.sampler.set_position(0)
-        batches = iter(dali)
-        first = [next(batches), next(batches)]
-        state = dali.state_dict(2 * BATCH)
-        first += list(batches)
-        second = epoch(dali, 1)
-    return dali, first, second, state, counted.count
+    """A loader over 16 files, two epochs of 4 batches."""
+    dali = loader(JpegFiles(16))
+    return dali, epoch(dali, 0), epoch(dali, 1)
 
 
 def test_dali_batches_hold_the_host_samplers_indices_in_its_order(two_epochs):
-    dali, first, second, _, _ = two_epochs
+    dali, first, second = two_epochs
     for number, batches in enumerate((first, second)):
-        host = data.EpochSampler(16, rank=0, world_size=1, seed=0)
+        host = data.EpochSampler(16, rank=0, world_size=1, seed=0, micro_batch=BATCH)
         host.set_position(number)
         assert torch.cat([labels for _, labels, _ in batches]).tolist() == [index for index, _ in host]
 
@@ -124,13 +108,13 @@ def test_dalis_python_workers_read_the_files_not_the_training_process(tmp_path):
 
 @pytest.mark.parametrize('workers', [0, 2])
 def test_the_batches_are_the_same_whatever_the_number_of_workers(two_epochs, workers):
-    _, first, _, _, _ = two_epochs  # read by one worker
+    _, first, _ = two_epochs  # read by one worker
     for (a, la, _), (b, lb, _) in zip(first, epoch(loader(JpegFiles(16), workers=workers), 0), strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
 def test_dali_batches_are_uint8_chw_at_img_size_with_labels_and_no_skips(two_epochs):
-    _, first, _, _, _ = two_epochs
+    _, first, _ = two_epochs
     images, labels, skipped = first[0]
     assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, 24, 24)
     assert labels.dtype == torch.int64 and labels.shape == (BATCH,) and skipped == 0
@@ -138,41 +122,102 @@ def test_dali_batches_are_uint8_chw_at_img_size_with_labels_and_no_skips(two_epo
     assert not torch.equal(images[0], images[1])
 
 
-def test_a_loader_restored_mid_epoch_repeats_the_uninterrupted_batches_and_next_epoch(two_epochs):
-    _, first, second, state, _ = two_epochs
+def test_a_loader_started_mid_epoch_gives_the_uninterrupted_batches_and_next_epoch(two_epochs):
+    """What a resume does: a new loader (no DALI state saved) at the checkpoint's place in the epoch."""
+    _, first, second = two_epochs
     resumed = loader(JpegFiles(16))
-    resumed.load_state_dict(state)
-    rest = epoch(resumed, 0, start=2 * BATCH)
-    for (a, la, _), (b, lb, _) in zip(first[2:], rest, strict=True):
+    for (a, la, _), (b, lb, _) in zip(first[2:], epoch(resumed, 0, start=2 * BATCH), strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
     for (a, _, _), (b, _, _) in zip(second, epoch(resumed, 1), strict=True):
         assert torch.equal(a, b)
 
 
-def test_a_dali_state_saved_before_the_iteration_count_resumes_the_sample_order_from_the_seed(two_epochs):
-    _, first, _, state, _ = two_epochs
-    resumed = loader(JpegFiles(16))
-    resumed.load_state_dict({key: value for key, value in state.items() if key != 'iterations'})
-    rest = epoch(resumed, 0, start=2 * BATCH)
-    assert [labels.tolist() for _, labels, _ in rest] == [labels.tolist() for _, labels, _ in first[2:]]
-    assert resumed.restored is None  # DALI's own state belongs to another way of counting: not restored
-
-
-def test_dalis_checkpoint_is_taken_only_for_a_saved_state_and_a_new_epochs_pipeline(two_epochs):
-    assert two_epochs[-1] == 2  # 8 batches handed out
-
-
-def test_dalis_state_is_refused_at_another_position_than_the_last_batch_taken(two_epochs):
-    dali = two_epochs[0]
-    with pytest.raises(RuntimeError, match='after 28 samples, but 32 were taken'):
-        dali.state_dict(7 * BATCH)
+def test_each_sample_is_augmented_the_same_on_two_ranks_as_on_one(two_epochs):
+    """The epoch's samples on 2 ranks of 2 batches each step (4 samples per step, 2 per rank) against 1 rank of
+    4: the same samples in each step, identically augmented, whichever rank takes them."""
+    _, first, second = two_epochs
+    for number, whole in enumerate((first, second)):
+        ranks = [epoch(loader(JpegFiles(16), rank=rank, world_size=2, batch=BATCH // 2), number) for rank in (0, 1)]
+        shared = {**by_label(ranks[0]), **by_label(ranks[1])}
+        assert shared.keys() == by_label(whole).keys()
+        assert all(torch.equal(shared[label], image) for label, image in by_label(whole).items())
+        for step, (_, labels, _) in enumerate(whole):  # each step's samples are split between the ranks
+            split = torch.cat([ranks[0][step][1], ranks[1][step][1]])
+            assert sorted(split.tolist()) == sorted(labels.tolist())
 
 
 def test_a_loader_from_the_same_seed_gives_the_same_batches_and_another_seed_others(two_epochs):
-    _, first, _, _, _ = two_epochs
+    _, first, _ = two_epochs
     again, other = loader(JpegFiles(16)), loader(JpegFiles(16), seed=1)
     assert torch.equal(epoch(again, 0)[0][0], first[0][0])
     assert not torch.equal(epoch(other, 0)[0][0], first[0][0])
+
+
+class SmoothPhotos(JpegFiles):
+    """Blurred JPEGs of several sizes (noise would make the two resizers' small differences large)."""
+
+    def __init__(self, count: int):
+        self.files = []
+        for i in range(count):
+            coarse = (np.random.default_rng(i).random((6 + i % 3, 8 + i % 4, 3)) * 255).astype(np.uint8)
+            photo = Image.fromarray(coarse).resize((64 + 8 * (i % 4), 48 + 8 * (i % 3)), Image.Resampling.BICUBIC)
+            buffer = io.BytesIO()
+            photo.filter(ImageFilter.GaussianBlur(2)).save(buffer, 'JPEG', quality=95)
+            self.files.append(buffer.getvalue())
+
+    def load(self, index):
+        return Image.open(io.BytesIO(self.files[index])).convert('RGB'), index
+
+
+def host_and_dali(auto_augment, count=32, size=32) -> tuple[dict, dict, dict]:
+    """One epoch's images by label, from the host path (timm's transforms in TransformedDataset) and from DALI,
+    and the names of the RandAugment ops timm ran for each on the host path, noted as they ran (an op's level
+    function is called only when it runs)."""
+    from timm.data.auto_augment import RandAugment
+    source = SmoothPhotos(count)
+    dali = loader(source, auto_augment=auto_augment, workers=0, batch=8, img_size=size)
+    transform = data.train_transform(dali.cfg, dali.aug, NORM)
+    ran: dict[int, list] = {}
+    for op in next((t.ops for t in transform.transforms if isinstance(t, RandAugment)), []):
+        def noted(magnitude, hparams, op=op, level=op.level_fn):
+            ran[label].append(op.name)
+            return level(magnitude, hparams) if level else ()
+        op.level_fn = noted
+    host, dataset = {}, data.TransformedDataset(source, transform)
+    dali.sampler.set_position(0)
+    for index, seed in dali.sampler:
+        label, ran[index] = index, []
+        image, _, _ = dataset[(index, seed)]
+        host[label] = torch.as_tensor(np.asarray(image))
+    return host, by_label(epoch(dali, 0)), ran
+
+
+def gaps(host: dict, dali: dict) -> dict:
+    """Mean absolute difference (of 255) between the two pipelines' images of each sample."""
+    return {label: (dali[label].float() - image.float()).abs().mean().item() for label, image in host.items()}
+
+
+def test_dali_crops_and_flips_each_sample_as_the_host_path_does():
+    """timm's crop and flip, run here on the host path, are the reference: with the same draws, only the decoders
+    and resizers differ (under 0.5 of 255 on every sample), while two different samples differ by ~50."""
+    host, dali, _ = host_and_dali(auto_augment=None)
+    same = gaps(host, dali)
+    assert max(same.values()) < 0.5, same
+    shifted = {label: host[(label + 1) % len(host)] for label in host}
+    assert min(gaps(shifted, dali).values()) > 20
+
+
+@pytest.mark.parametrize('auto_augment', [RAND_AUGMENT, 'rand-m9-n3-mstd0-inc1'])
+def test_dali_runs_the_randaugment_ops_and_signs_timm_drew_for_each_sample(auto_augment):
+    """timm's RandAugment on the host path is the reference. DALI runs the same ops with the same signs: every
+    sample whose ops exclude Equalize (DALI's histogram equalisation is not PIL's) is within 6 of 255 of the host's
+    image (a shear, translate or rotate of the wrong sign is ~45 away)."""
+    host, dali, ran = host_and_dali(auto_augment)
+    assert sum(len(names) for names in ran.values()) > len(host)  # ops ran: p 0.5, 2-3 layers
+    assert any(name.startswith(('Shear', 'Translate', 'Rotate')) for names in ran.values() for name in names)
+    same = gaps(host, dali)
+    assert all(gap < 6 for label, gap in same.items() if 'Equalize' not in ran[label]), (same, ran)
+    assert sorted(same.values())[len(same) // 2] < 1.5
 
 
 def test_a_file_no_decoder_reads_is_named_in_one_line_and_replaced_by_the_next(capfd):
@@ -211,7 +256,8 @@ def test_of_the_files_dali_may_have_failed_on_only_those_the_host_decode_fails_o
     source = JpegFiles(12)
     source.files[5] = source.files[5][:len(source.files[5]) // 3]
     dali = loader(source, auto_augment=None)
-    dali.files = dali_pipeline.EpochFiles(source, np.arange(12), first_iteration=0, batch_size=BATCH)
+    dali.files = dali_pipeline.EpochFiles(source, np.arange(12), np.arange(12), seed=0, epoch=0, batch_size=BATCH,
+                                          draws=dali.draws)
     assert dali.files.in_flight(1, sample=1) == [5, 9]  # batch 1 next out, batch 2 read ahead
     assert dali.culprit('Failed to decode sample #1', batch=0) == dali.culprit('Error in thread 0', 1) == 'file5.jpg'
 
@@ -245,7 +291,7 @@ def test_spawned_workers_as_on_cuda_read_an_image_folder_in_the_samplers_order(i
     source = data.TimmImages('folder', str(image_folder), 'train', training=True)
     dali = dali_pipeline.DaliLoader(source, data.EpochSampler(len(source), rank=0, world_size=1, seed=0), 8,
                                     DataConfig(img_size=24, num_workers=1), AugConfig(train_interpolation='bilinear'),
-                                    0, torch.device('cpu'))
+                                    NORM, torch.device('cpu'))
     dali.sampler.set_position(0)
     labels = torch.cat([batch for _, batch, _ in dali]).tolist()
     assert labels == [source.read_bytes(index)[1] for index, _ in dali.sampler]
@@ -259,15 +305,24 @@ def test_a_dali_run_stopped_mid_epoch_and_resumed_ends_with_the_uninterrupted_we
     assert train_main(['--recipe', str(recipe), '--output', str(out['sliced']), '--quiet', '--max-steps', '3']) == 0
     assert train_main(['--recipe', str(recipe), '--output', str(out['sliced']), '--quiet', '--resume', 'auto']) == 0
     whole, sliced = (checkpoint.load(out[name] / 'checkpoints' / 'last.pt') for name in ('whole', 'sliced'))
-    assert whole['state']['step'] == 8 and whole['input']['dali'] is not None
+    assert whole['state']['step'] == 8 and 'input' not in whole  # no DALI state: it draws nothing itself
     assert all(torch.equal(whole['model'][key], sliced['model'][key]) for key in whole['model'])
 
 
-def test_precise_bn_with_dali_is_refused_in_one_line(tmp_path, write_recipe, image_folder, capsys):
-    recipe = dali_recipe(write_recipe, image_folder, precise_bn_batches=2)
-    assert train_main(['--recipe', str(recipe), '--output', str(tmp_path / 'run'), '--quiet']) != 0
-    assert capsys.readouterr().err.strip().splitlines() == [
-        'error: train.precise_bn_batches runs with data.pipeline host only: set it 0 or use the host pipeline']
+def test_precise_bn_borrows_the_dali_loader_without_moving_trainings_augmentations(tmp_path, write_recipe,
+                                                                                   image_folder):
+    """Precise BN takes batches from the start of the epoch through the training loader; with DALI drawing nothing
+    itself, training then sees the batches it would have seen: every weight as without it, BN statistics not."""
+    runs = {}
+    for batches in (0, 2):
+        out = tmp_path / str(batches)
+        recipe = dali_recipe(write_recipe, image_folder, precise_bn_batches=batches)
+        assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet']) == 0
+        runs[batches] = checkpoint.load(out / 'checkpoints' / 'last.pt')['model']
+    statistics = [key for key in runs[0] if key.endswith(('running_mean', 'running_var'))]
+    weights = [key for key in runs[0] if key not in statistics and not key.endswith('num_batches_tracked')]
+    assert all(torch.equal(runs[0][key], runs[2][key]) for key in weights)
+    assert not all(torch.equal(runs[0][key], runs[2][key]) for key in statistics)
 
 
 def test_data_pipeline_takes_host_or_dali_and_defaults_to_host():
@@ -382,19 +437,3 @@ def test_an_error_other_than_a_failed_decode_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(dali_pipeline, 'define_pipeline', lambda *args: FailingPipeline())
     with pytest.raises(RuntimeError, match='out of memory'):  # not reported as a bad image
         epoch(loader(JpegFiles(8), auto_augment=None), 0)
-
-
-def test_a_saved_dali_state_is_used_only_at_its_own_position_on_one_rank():
-    from types import SimpleNamespace
-
-    from mnv_train.build import Run
-    dali = loader(JpegFiles(8), auto_augment=None)
-    saved = {'taken': 4, 'iterations': 1, 'dali': torch.zeros(3, dtype=torch.uint8)}
-
-    def restore(samples_seen: int, world_size: int):
-        Run.restore_input(SimpleNamespace(train_loader=dali, state=SimpleNamespace(samples_seen=samples_seen),
-                                          world=SimpleNamespace(size=world_size)), saved)
-        return dali.taken, dali.current_state()
-    assert restore(4, 1) == (4, bytes(3))  # its own position: DALI's generators continue from it
-    assert restore(8, 2) == (4, None)  # another world size: a fresh pipeline seeded from this rank's position
-    assert restore(6, 1) == (6, None)  # the position rounded to a step: the same

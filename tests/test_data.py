@@ -78,11 +78,13 @@ def test_sampler_shards_ranks_and_repeats():
 
 
 @pytest.mark.parametrize('repeats', [0, 3])
-def test_the_samplers_indices_alone_are_those_it_yields_on_every_rank_and_from_any_step(repeats):
+def test_the_samplers_indices_and_places_alone_give_what_it_yields_on_every_rank_and_from_any_step(repeats):
     for rank in range(2):
         sampler = data.EpochSampler(300, rank, world_size=2, seed=1, repeats=repeats, micro_batch=4, accum=3)
         sampler.set_position(epoch=2, start=sampler.step_size * 5)
-        assert sampler.indices().tolist() == [index for index, _ in sampler]
+        indices, places = sampler.indices_and_places()
+        assert [(int(index), data.sample_seed(1, 2, int(place))) for index, place in zip(indices, places)] == \
+            list(sampler)
 
 
 def test_eval_shards_count_every_sample_once():
