@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import checkpoint, distributed, logs, resume
+from . import checkpoint, diagnostics, distributed, logs, resume
 from . import recipe as recipes
 from .build import Run, build_run
 from .dryrun import dry_run
@@ -385,6 +385,8 @@ def report_validation(weights, setting: EvalSetting, result: dict, recalibrated:
     if setting.expected_top1 is not None:
         line += f'  expected {setting.expected_top1:.3f} ({result["delta_top1"]:+.3f})'
     print(line)
+    if result['wild_logits']:
+        logs.warn(diagnostics.wild_logit_text(result['wild_logits'], result['wild_loss'], result['loss']))
     recalibration = f'-pbn{recalibrated}' if recalibrated else ''
     write_result(Path(json_path) if json_path else path.with_name(
         f'{path.stem}.eval-{weights.kind}-{setting.img_size}-{setting.crop_pct:g}{recalibration}.json'), result)

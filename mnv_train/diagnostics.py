@@ -17,6 +17,7 @@ FLAT_LOSS = 0.02  # a train loss that fell by less than this fraction counts as 
 SMALL_FEATURE_MAP = 4  # a final feature map narrower than this keeps little spatial detail
 HEAVY_DROP_RATE, HEAVY_DROP_PATH = 0.3, 0.2
 DEFAULT_STRIDE = 32  # output stride of MNV4 and most ImageNet backbones
+WILD_LOGIT = 1e3  # no healthy classifier's logit comes near it; one BatchNorm dividing by sqrt(eps) gets there
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -89,6 +90,11 @@ def epoch_summary(run, row: dict) -> str:
 
 
 def epoch_warnings(run) -> list[str]:
+    """What the last evaluation shows to be wrong: a stalled top-1 (stall_warnings), images with wild logits."""
+    return stall_warnings(run) + wild_logit_warnings(run)
+
+
+def stall_warnings(run) -> list[str]:
     """A warning when eval top-1 has not moved, or stayed at chance, for STALL_EVALS evaluations in a row.
 
     Checked when an epoch was evaluated; raw top-1 first (then the cause is in the training itself), EMA top-1
@@ -117,6 +123,60 @@ def epoch_warnings(run) -> list[str]:
             return [f'EMA top-1 {stalled} {window(ema)} while raw top-1 moved ({raw[0]:.2f} -> {raw[-1]:.2f}): '
                     f'{ema_numbers(run)}']
     return []
+
+
+def wild_logit_warnings(run) -> list[str]:
+    """A warning, for the raw and the EMA weights, when the last evaluation first had images with a logit beyond
+    WILD_LOGIT, naming the BatchNorm channels that can produce them: a channel that was constant on
+    every training batch has a running variance of ~0, so at evaluation an image that moves it is multiplied by
+    1/sqrt(eps) (316 at timm's 1e-5), and a few such layers in a row reach logits of 1e6. A handful of images then
+    carry most of the mean eval loss, while top-1 hardly changes. Said once, when it starts, not every epoch."""
+    evaluated = [row for row in run.state.history if 'top1' in row][-2:]
+    warnings = []
+    for prefix, module in [('', run.module)] + ([('ema_', run.ema.module)] if run.ema is not None else []):
+        count = evaluated[-1].get(f'{prefix}wild_logits', 0) if evaluated else 0
+        before = evaluated[0].get(f'{prefix}wild_logits', 0) if len(evaluated) == 2 else 0
+        if count and not before:
+            row = evaluated[-1]
+            weights = 'EMA' if prefix else 'raw'
+            warnings.append(f'{weights} weights, epoch {row["epoch"] + 1}: '
+                            + wild_logit_text(count, row[f'{prefix}wild_loss'], row[f'{prefix}loss'])
+                            + '; ' + flat_channels_text(module))
+    return warnings
+
+
+def wild_logit_text(count: int, wild_loss: float, loss: float) -> str:
+    return (f'{count} evaluation image(s) gave a logit beyond {WILD_LOGIT:g} and carry {wild_loss:.4g} of the mean '
+            f'eval loss {loss:.4g} (the other images: {loss - wild_loss:.4g}); top-1 hardly depends on them, the '
+            f'loss curves do')
+
+
+FLAT_SHARE = 1e-3  # a running variance below this share of BatchNorm's eps: the channel was constant in training
+
+
+def flat_batchnorm_channels(module: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(layer name, channels with a running variance below FLAT_SHARE * eps, channels) of each BatchNorm layer that
+    has any."""
+    found = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.running_var is not None:
+            flat = int((layer.running_var < FLAT_SHARE * layer.eps).sum())
+            if flat:
+                found.append((name, flat, layer.running_var.numel()))
+    return found
+
+
+def flat_channels_text(module: torch.nn.Module, shown: int = 4) -> str:
+    found = flat_batchnorm_channels(module)
+    if not found:
+        return ('no BatchNorm channel has a running variance of ~0: look for an overflow (train.amp fp16) or inputs '
+                'unlike the training ones')
+    eps = min(layer.eps for layer in module.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm))
+    names = ', '.join(f'{name} ({flat} of {total})' for name, flat, total in found[:shown])
+    more = f' and {len(found) - shown} more layers' if len(found) > shown else ''
+    return (f'BatchNorm channels with a running variance of ~0 (constant on every training batch, e.g. after a '
+            f'ReLU that never fires), which scale an input that moves them by up to 1/sqrt(eps) = '
+            f'{1 / math.sqrt(eps):.0f} per layer: {names}{more}')
 
 
 def stall(run, values: list[float]) -> str:

@@ -16,6 +16,7 @@ import torch
 from . import checkpoint, data, precise_bn
 from . import model as models
 from . import recipe as recipes
+from .diagnostics import WILD_LOGIT
 from .distributed import World
 from .errors import UserError
 from .pipeline import EvalSet, eval_sets, eval_size
@@ -25,9 +26,12 @@ from .pipeline import EvalSet, eval_sets, eval_size
 def evaluate(model: torch.nn.Module, loader, normalize, world: World, amp: str,
              real_labels: Optional[torch.Tensor] = None) -> dict:
     """top-1 / top-5 (%) and loss over the whole split, every sample counted once across ranks. With real_labels
-    (multi-hot, one row per sample in this rank's loader order) also ReaL's real_top1 / real_top5 / real_count."""
+    (multi-hot, one row per sample in this rank's loader order) also ReaL's real_top1 / real_top5 / real_count.
+
+    wild_logits counts the images with a logit beyond WILD_LOGIT and wild_loss is their share of `loss` (the mean):
+    a handful of them can carry most of the mean loss while top-1 hardly changes (diagnostics.wild_logit_warnings)."""
     model.eval()
-    correct1 = correct5 = loss_sum = count = real1 = real5 = real_count = 0.0
+    correct1 = correct5 = loss_sum = count = real1 = real5 = real_count = wild = wild_loss = 0.0
     for images, targets, _ in data.device_batches(loader, normalize):
         with models.autocast(amp, world.device):
             logits = model(images)
@@ -35,19 +39,22 @@ def evaluate(model: torch.nn.Module, loader, normalize, world: World, amp: str,
         top = predicted == targets[:, None]
         correct1 += top[:, 0].sum()
         correct5 += top.any(dim=1).sum()
-        loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction='sum')
+        losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction='none')
+        loss_sum += losses.sum()
+        wild_images = logits.float().abs().amax(dim=1) > WILD_LOGIT
+        wild, wild_loss = wild + wild_images.sum(), wild_loss + losses[wild_images].sum()
         if real_labels is not None:  # ReaL: a hit is any of an image's labels in the top k; unlabelled ones skip
             labels = real_labels[int(count):int(count) + len(targets)].to(predicted.device)
             hits = labels.gather(1, predicted)[labels.any(dim=1)]
             real1, real5, real_count = real1 + hits[:, 0].sum(), real5 + hits.any(dim=1).sum(), real_count + len(hits)
         count += len(targets)
     sums = world.sum([float(correct1), float(correct5), float(loss_sum), count, float(real1), float(real5),
-                      float(real_count)])
-    correct1, correct5, loss_sum, count, real1, real5, real_count = sums
+                      float(real_count), float(wild), float(wild_loss)])
+    correct1, correct5, loss_sum, count, real1, real5, real_count, wild, wild_loss = sums
     if count == 0:
         raise UserError('the validation split is empty')
     result = {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'loss': loss_sum / count,
-              'count': int(count)}
+              'count': int(count), 'wild_logits': int(wild), 'wild_loss': wild_loss / count}
     if real_labels is not None:
         if real_count == 0:
             raise UserError('ReaL: no image of the validation split has a label in real.json')
@@ -86,7 +93,7 @@ def evaluate_run(run, epoch: int) -> dict:
             continue
         for prefix, model in weights:
             result = evaluate(model, eval_set.loader, run.normalize, run.world, run.recipe.train.amp)
-            for key in ('top1', 'top5', 'loss'):
+            for key in ('top1', 'top5', 'loss', 'wild_logits', 'wild_loss'):
                 metrics[f'{prefix}{key}{eval_set.name}'] = result[key]
     return metrics
 

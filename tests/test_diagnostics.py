@@ -3,11 +3,13 @@ import math
 import re
 
 import pytest
+import torch
 
-from mnv_train import diagnostics, distributed, dryrun
+from mnv_train import data, diagnostics, distributed, dryrun
 from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import train_main
+from mnv_train.evaluation import evaluate
 
 from conftest import RAMP, FakeDeviceClock
 
@@ -167,3 +169,75 @@ def test_only_a_stalled_top1_warns(built):
     flat[-1] = {key: value for key, value in flat[-1].items() if key != 'top1'}  # last epoch not evaluated
     run.state.history = flat
     assert diagnostics.epoch_warnings(run) == []
+
+
+# ---------------------------------------------------------------------------------------------- wild logits
+
+def two_channel_model(flat_variance: float) -> torch.nn.Sequential:
+    """Red and green each into a BatchNorm channel, then 3 logits; the green channel's running variance is
+    `flat_variance` (0: it never varied in training)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1, bias=False), torch.nn.BatchNorm2d(2),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])[:, :, None, None])
+        model[1].running_var.copy_(torch.tensor([1.0, flat_variance]))
+        model[4].weight.copy_(torch.tensor([[10.0, 10.0], [0, -10.0], [-10.0, 0]]))
+        model[4].bias.zero_()
+    return model
+
+
+def test_evaluation_counts_images_with_wild_logits_and_the_share_of_the_loss_they_carry():
+    """Four images, the last one green: through a channel whose running variance is 0 it is scaled by
+    1/sqrt(1e-5) = 316, its logits reach ~3,000 and its loss alone is most of the mean."""
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:3, 0] = torch.tensor([50, 100, 150], dtype=torch.uint8)[:, None, None]
+    images[3, 1] = 255
+    targets = torch.tensor([0, 0, 0, 2])
+    normalize = data.DeviceNormalize(data.Normalization((0.0,) * 3, (1.0,) * 3), torch.device('cpu'), False)
+    world = distributed.init('cpu')
+    model = two_channel_model(0.0)
+    wild = evaluate(model, [(images, targets, 0)], normalize, world, 'none')
+    losses = torch.nn.functional.cross_entropy(model(images / 255.0), targets, reduction='none')  # in eval mode
+    assert wild['wild_logits'] == 1 and wild['loss'] == pytest.approx(losses.mean().item())
+    assert wild['wild_loss'] == pytest.approx(losses[3].item() / 4) and wild['wild_loss'] > 0.9 * wild['loss']
+    tame = evaluate(two_channel_model(1.0), [(images, targets, 0)], normalize, world, 'none')
+    assert tame['wild_logits'] == 0 and tame['wild_loss'] == 0 and tame['loss'] < 20
+
+
+def test_wild_logits_are_warned_once_when_they_start_naming_the_flat_batchnorm_channels(built):
+    run = built({'ema': {'enabled': False}})
+    layers = [(name, layer) for name, layer in run.module.named_modules() if isinstance(layer, torch.nn.BatchNorm2d)]
+    name, layer = layers[1]
+    with torch.no_grad():
+        layer.running_var[:3] = 5.6e-45  # as measured in the quickstart's blocks.3.*.dw_mid.bn
+    rows = history([60.0, 70.0, 80.0])
+    for row, count in zip(rows, (0, 4, 4)):
+        row.update(loss=57.4 if count else 0.5, wild_logits=count, wild_loss=55.0 if count else 0.0)
+    run.state.history = rows[:2]
+    [warning] = diagnostics.wild_logit_warnings(run)
+    assert warning.startswith('raw weights, epoch 2: 4 evaluation image(s) gave a logit beyond 1000 and carry 55 '
+                              'of the mean eval loss 57.4 (the other images: 2.4)')
+    assert f'1/sqrt(eps) = 316 per layer: {name} (3 of {layer.num_features})' in warning
+    run.state.history = rows  # still there an epoch later: said once
+    assert diagnostics.wild_logit_warnings(run) == []
+    with torch.no_grad():
+        layer.running_var.fill_(1.0)
+    run.state.history = rows[:2]
+    assert 'no BatchNorm channel has a running variance of ~0' in diagnostics.wild_logit_warnings(run)[0]
+
+
+def test_validate_says_how_many_images_had_wild_logits_and_their_share_of_the_loss(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mnv_train.cli import report_validation
+    recipe = SimpleNamespace(model=SimpleNamespace(name='tiny'), data=SimpleNamespace(val_split='val', dataset='x'))
+    weights = SimpleNamespace(recipe=recipe, path=tmp_path / 'last.pt', kind='ema')
+    setting = SimpleNamespace(img_size=64, crop_pct=1.0, crop_source='recipe', expected_top1=None)
+    for wild, wild_loss in ((23, 36.56), (0, 0.0)):
+        result = {'top1': 92.1, 'top5': 99.56, 'loss': 36.85 if wild else 0.29, 'count': 10000, 'wild_logits': wild,
+                  'wild_loss': wild_loss}
+        report_validation(weights, setting, result, 0, str(tmp_path / 'result.json'))
+        warnings = [line for line in capsys.readouterr().err.splitlines() if 'logit beyond' in line]
+        assert warnings == ([] if not wild else [
+            'warning: 23 evaluation image(s) gave a logit beyond 1000 and carry 36.56 of the mean eval loss 36.85 '
+            '(the other images: 0.29); top-1 hardly depends on them, the loss curves do'])

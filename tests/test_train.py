@@ -28,7 +28,8 @@ def test_training_writes_a_complete_run_folder_and_validate_reproduces_the_eval(
     assert (out / 'recipe.yaml').read_text().startswith('name: tiny')
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
     assert [int(r['epoch']) for r in rows] == [0, 1]
-    assert {'top1', 'top5', 'ema_top1', 'ema_top5', 'train_loss', 'lr'} <= set(rows[0])
+    assert {'top1', 'top5', 'ema_top1', 'ema_top5', 'train_loss', 'lr', 'wild_logits', 'ema_wild_logits',
+            'wild_loss'} <= set(rows[0])
 
     payload = final_weights(out)
     assert payload['state']['step'] == 8 and payload['state']['epoch'] == 2
