@@ -13,7 +13,7 @@ from typing import Optional
 
 from . import checkpoint, logs
 from . import recipe as recipes
-from .diagnostics import ema_warm_step, top1_columns
+from .diagnostics import WILD_LOGIT, ema_warm_step, top1_columns
 from .entry import Parser, guarded
 from .errors import UserError
 from .optim import plan_batch, total_epochs
@@ -158,11 +158,14 @@ def markdown(recipe: recipes.Recipe, batch: int, rows: list[dict], flags: list[b
     for row, flag in zip(rows, flags):
         gap = accuracy_gap(row)
         cells = [str(row['epoch'] + 1), str(row['step']), cell(row['lr'], '.3g'), cell(row['train_loss'], '.4f'),
-                 cell(row.get('loss'), '.4f'), cell(row.get('train_top1'), '.2f'), cell(gap, '+.2f')]
+                 eval_loss_cell(row), cell(row.get('train_top1'), '.2f'), cell(gap, '+.2f')]
         cells += [cell(row.get(key), '.2f') for key in tops]
         lines.append('| ' + ' | '.join(cells + ([WARMING if flag else ''] if recipe.ema.enabled else [])) + ' |')
+    wild_note = (f' eval loss "(N wild: X)": N images had a logit beyond {WILD_LOGIT:g} and X is the mean loss '
+                 f'without their share (see the run\'s warning about BatchNorm channels).')
     lines += ['', 'train top1: top-1 on a fixed subset of training images, prepared like the validation images; '
-              'gap: train top1 minus top1, in points (growing: overfitting).', '']
+              'gap: train top1 minus top1, in points (growing: overfitting).'
+              + (wild_note if any(map(wild_count, rows)) else ''), '']
     lines += [f'![{plot.stem}]({plot.relative_to(run_dir).as_posix()})' for plot in plots]
     lines += suite_sections(run_dir)
     return '\n'.join(lines) + '\n'
@@ -215,6 +218,21 @@ def cell(value: Optional[float], spec: str) -> str:
     return '' if value is None else format(value, spec)
 
 
+def wild_count(row: dict, prefix: str = '') -> int:
+    """Images of the evaluation with a logit beyond WILD_LOGIT (evaluate's wild_logits), 0 when not recorded."""
+    return int(row.get(f'{prefix}wild_logits') or 0)
+
+
+def tame_loss(row: dict, prefix: str = '') -> float:
+    """The mean eval loss without the share of the images with wild logits."""
+    return row[f'{prefix}loss'] - (row[f'{prefix}wild_loss'] if wild_count(row, prefix) else 0.0)
+
+
+def eval_loss_cell(row: dict) -> str:
+    loss = cell(row.get('loss'), '.4f')
+    return f'{loss} ({wild_count(row)} wild: {tame_loss(row):.4f})' if wild_count(row) else loss
+
+
 def draw_plots(folder: Path, rows: list[dict], steps: list[dict], flags: list[bool]) -> list[Path]:
     """Loss, LR and throughput against epochs, per log point where steps.csv has them (so the warmup shows);
     top-1 (every weight and eval size, and the training subset) and the accuracy gap, per evaluated epoch."""
@@ -238,8 +256,13 @@ def draw_plots(folder: Path, rows: list[dict], steps: list[dict], flags: list[bo
     fig, ax = plt.subplots(figsize=(7, 4))
     if not per_step(ax, 'train_loss', lw=1, color='0.6', label='train_loss per log point'):
         series(ax, 'train_loss')
-    for key in ('loss', 'ema_loss'):
-        series(ax, key)
+    for prefix in ('', 'ema_'):
+        series(ax, f'{prefix}loss')
+        if any(wild_count(row, prefix) for row in rows):  # a few images carry the mean: show the rest's loss too
+            tame = [(e, tame_loss(row, prefix)) for e, row in zip(epochs, rows) if row.get(f'{prefix}loss') is not None]
+            ax.plot(*zip(*tame), marker='x', ls='--', label=f'{prefix}loss without the wild-logit images')
+    if any(wild_count(row, prefix) for row in rows for prefix in ('', 'ema_')):
+        ax.set_yscale('log')
     ax.set(xlabel='epoch', ylabel='loss', title='train loss (augmented, smoothed) and eval loss')
     ax.legend()
     paths.append(save_figure(fig, folder / 'loss.png'))

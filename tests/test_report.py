@@ -65,6 +65,19 @@ def test_training_ends_with_a_report_that_shows_every_eval_size(write_recipe, tm
         assert f'](plots/{name})' in report
 
 
+def test_the_eval_loss_without_the_images_with_wild_logits_is_shown_beside_the_mean(tmp_path):
+    rows = [row(0, 4, 1.4, 0.9, 40.0, 25.0, wild_logits=0, wild_loss=0.0, ema_wild_logits=0, ema_wild_loss=0.0),
+            row(1, 8, 1.2, 57.4, 55.0, 30.0, wild_logits=4, wild_loss=57.1, ema_wild_logits=0, ema_wild_loss=0.0)]
+    folder = write_run(tmp_path / 'run', rows)
+    report = write_report(folder).read_text()
+    assert [line[4] for line in table(report)[1:]] == ['0.9000', '57.4000 (4 wild: 0.3000)']
+    assert 'N images had a logit beyond 1000' in report
+    assert_png(folder / 'plots' / 'loss.png')
+    folder = write_run(tmp_path / 'tame', rows[:1])  # none: neither the note nor the cell
+    report = write_report(folder).read_text()
+    assert 'wild' not in report and table(report)[1][4] == '0.9000'
+
+
 def test_report_marks_ema_warming_up_and_reads_the_run_global_batch(tmp_path):
     rows = [row(0, 4, 1.4, 1.3, 40.0, 25.0), row(1, 8, 1.2, 1.1, 55.0, 30.0), row(2, 80, 1.0, 0.9, 70.0, 66.0)]
     folder = write_run(tmp_path / 'run', rows, {'ema': {'decay': 0.99, 'warmup': False}})
