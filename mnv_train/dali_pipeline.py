@@ -129,11 +129,12 @@ class SampleDraws:
     draws are timm's in timm's order, however timm makes them."""
 
     def __init__(self, cfg: DataConfig, aug: AugConfig, norm: Normalization):
-        crop, flip, *rest, _to_tensor = train_transform(cfg, aug, norm).transforms
-        if not isinstance(crop, RandomResizedCropAndInterpolation) or not isinstance(flip, RandomHorizontalFlip) \
-                or not all(isinstance(t, RandAugment) for t in rest):  # check_recipe refuses what would change this
-            raise RuntimeError(f'the host transform is not crop, flip, RandAugment: {rest}')
-        self.crop, self.hflip = crop, flip.p
+        crop, *middle, _to_tensor = train_transform(cfg, aug, norm).transforms
+        flips = [t for t in middle if isinstance(t, RandomHorizontalFlip)]  # none at aug.hflip 0
+        rest = [t for t in middle if isinstance(t, RandAugment)]
+        if not isinstance(crop, RandomResizedCropAndInterpolation) or len(flips) + len(rest) != len(middle):
+            raise RuntimeError(f'the host transform is not crop, flip, RandAugment: {middle}')  # see check_recipe
+        self.crop, self.hflip = crop, flips[0].p if flips else None
         self.calls: list[tuple[int, tuple]] = []  # (op, level arguments) of each op the recording RandAugment ran
         self.rand_augment = None
         if rest:
@@ -148,7 +149,7 @@ class SampleDraws:
         PIL has read (the crop draws from its size; nothing is decoded)."""
         seed_everything(seed)  # as TransformedDataset does before the same transform
         top, left, crop_height, crop_width = self.crop.get_params(header, self.crop.scale, self.crop.ratio)
-        flip = bool(torch.rand(1) < self.hflip)  # torchvision's RandomHorizontalFlip's draw
+        flip = self.hflip is not None and bool(torch.rand(1) < self.hflip)  # RandomHorizontalFlip's own draw
         self.calls.clear()
         if self.rand_augment is not None:
             self.rand_augment(None)

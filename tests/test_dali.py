@@ -66,11 +66,11 @@ NORM = data.Normalization((0.5,) * 3, (0.5,) * 3)
 
 
 def loader(source, auto_augment=RAND_AUGMENT, seed=0, workers=1, rank=0, world_size=1, batch=BATCH,
-           img_size=24) -> dali_pipeline.DaliLoader:
+           img_size=24, hflip=0.5) -> dali_pipeline.DaliLoader:
     sampler = data.EpochSampler(len(source), rank=rank, world_size=world_size, seed=seed, micro_batch=batch)
     return dali_pipeline.DaliLoader(source, sampler, batch, DataConfig(img_size=img_size, num_workers=workers),
-                                    AugConfig(auto_augment=auto_augment, train_interpolation='bicubic'), NORM,
-                                    torch.device('cpu'))
+                                    AugConfig(auto_augment=auto_augment, train_interpolation='bicubic', hflip=hflip),
+                                    NORM, torch.device('cpu'))
 
 
 def epoch(dali: dali_pipeline.DaliLoader, number: int, start: int = 0) -> list:
@@ -169,13 +169,13 @@ class SmoothPhotos(JpegFiles):
         return Image.open(io.BytesIO(self.files[index])).convert('RGB'), index
 
 
-def host_and_dali(auto_augment, count=32, size=32) -> tuple[dict, dict, dict]:
+def host_and_dali(auto_augment, count=32, size=32, hflip=0.5) -> tuple[dict, dict, dict]:
     """One epoch's images by label, from the host path (timm's transforms in TransformedDataset) and from DALI,
     and the names of the RandAugment ops timm ran for each on the host path, noted as they ran (an op's level
     function is called only when it runs)."""
     from timm.data.auto_augment import RandAugment
     source = SmoothPhotos(count)
-    dali = loader(source, auto_augment=auto_augment, workers=0, batch=8, img_size=size)
+    dali = loader(source, auto_augment=auto_augment, workers=0, batch=8, img_size=size, hflip=hflip)
     transform = data.train_transform(dali.cfg, dali.aug, NORM)
     ran: dict[int, list] = {}
     for op in next((t.ops for t in transform.transforms if isinstance(t, RandAugment)), []):
@@ -197,10 +197,11 @@ def gaps(host: dict, dali: dict) -> dict:
     return {label: (dali[label].float() - image.float()).abs().mean().item() for label, image in host.items()}
 
 
-def test_dali_crops_and_flips_each_sample_as_the_host_path_does():
+@pytest.mark.parametrize('hflip', [0.5, 0.0])  # at 0 timm's transform has no flip at all
+def test_dali_crops_and_flips_each_sample_as_the_host_path_does(hflip):
     """timm's crop and flip, run here on the host path, are the reference: with the same draws, only the decoders
     and resizers differ (under 0.5 of 255 on every sample), while two different samples differ by ~50."""
-    host, dali, _ = host_and_dali(auto_augment=None)
+    host, dali, _ = host_and_dali(auto_augment=None, hflip=hflip)
     same = gaps(host, dali)
     assert max(same.values()) < 0.5, same
     shifted = {label: host[(label + 1) % len(host)] for label in host}
@@ -286,15 +287,26 @@ def dali_recipe(write_recipe, image_folder, **train):
                          'train': {'global_batch_size': 8, 'batch_size': 8, **train}, 'schedule': {'epochs': 2}})
 
 
-def test_spawned_workers_as_on_cuda_read_an_image_folder_in_the_samplers_order(image_folder, monkeypatch):
-    monkeypatch.setattr(dali_pipeline, 'start_method', lambda device: 'spawn')  # the source must pickle
+def test_spawned_workers_as_on_cuda_read_an_image_folder_in_the_samplers_order_and_augment_as_in_process(
+        image_folder, monkeypatch):
+    """Spawned workers get the draws' recording RandAugment by pickle: it must still note the ops it runs (into
+    its own list), or DALI would silently run none."""
     source = data.TimmImages('folder', str(image_folder), 'train', training=True)
-    dali = dali_pipeline.DaliLoader(source, data.EpochSampler(len(source), rank=0, world_size=1, seed=0), 8,
-                                    DataConfig(img_size=24, num_workers=1), AugConfig(train_interpolation='bilinear'),
-                                    NORM, torch.device('cpu'))
-    dali.sampler.set_position(0)
-    labels = torch.cat([batch for _, batch, _ in dali]).tolist()
-    assert labels == [source.read_bytes(index)[1] for index, _ in dali.sampler]
+
+    def batches(workers: int) -> list:
+        dali = dali_pipeline.DaliLoader(source, data.EpochSampler(len(source), rank=0, world_size=1, seed=0,
+                                                                  micro_batch=8), 8,
+                                        DataConfig(img_size=24, num_workers=workers),
+                                        AugConfig(auto_augment=RAND_AUGMENT, train_interpolation='bilinear'), NORM,
+                                        torch.device('cpu'))
+        return epoch(dali, 0)
+    in_process = batches(0)
+    monkeypatch.setattr(dali_pipeline, 'start_method', lambda device: 'spawn')  # the source must pickle
+    spawned = batches(1)
+    labels = torch.cat([batch for _, batch, _ in spawned]).tolist()
+    sampler = data.EpochSampler(len(source), rank=0, world_size=1, seed=0, micro_batch=8)
+    assert labels == [source.read_bytes(index)[1] for index, _ in sampler]
+    assert all(torch.equal(a, b) for (a, _, _), (b, _, _) in zip(in_process, spawned, strict=True))
 
 
 def test_a_dali_run_stopped_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, write_recipe,
