@@ -256,8 +256,7 @@ def define_pipeline(cfg: DataConfig, aug: AugConfig, files: EpochFiles, batch_si
             for layer in range(plan.layers):
                 if runs[layer]:
                     images = auto_aug.select(suite, ops[layer], data=images, magnitude_bin=signed[layer],
-                                                  num_magnitude_bins=MAGNITUDE_BINS, shape=[size, size],
-                                                  fill_value=FILL)
+                                             num_magnitude_bins=MAGNITUDE_BINS, shape=[size, size], fill_value=FILL)
         images = fn.transpose(images, perm=[2, 0, 1])
         return images, labels.gpu() if on_gpu else labels, skipped
 
