@@ -39,9 +39,10 @@ def evaluate(model: torch.nn.Module, loader, normalize, world: World, amp: str,
         top = predicted == targets[:, None]
         correct1 += top[:, 0].sum()
         correct5 += top.any(dim=1).sum()
-        losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction='none')
+        scores = logits.float()
+        losses = torch.nn.functional.cross_entropy(scores, targets, reduction='none')
         loss_sum += losses.sum()
-        wild_images = logits.float().abs().amax(dim=1) > WILD_LOGIT
+        wild_images = scores.abs().amax(dim=1) > WILD_LOGIT
         wild, wild_loss = wild + wild_images.sum(), wild_loss + torch.where(wild_images, losses, 0).sum()  # no sync
         if real_labels is not None:  # ReaL: a hit is any of an image's labels in the top k; unlabelled ones skip
             labels = real_labels[int(count):int(count) + len(targets)].to(predicted.device)
