@@ -7,8 +7,8 @@ worker processes lingered (one H200, torch 2.11, 2026-12-04), and the check's st
 result complete. So the command runs in a process group of its own; once FILE holds JSON written since the start, the
 command has --grace seconds to exit by itself, then its group is stopped (SIGTERM, then SIGKILL) and the exit status
 is 0, as the result is whole. A command that exits by itself keeps its own status. Whatever is left of its group at
-the end, a leftover worker holding GPU memory for the next step, is killed, and so is the group when this script is
-stopped from outside (timeout's SIGTERM).
+the end, a leftover worker holding GPU memory for the next step, is killed and waited for, and so is the group when
+this script is stopped from outside (timeout's SIGTERM).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Optional
 
 POLL_S = 0.5  # how often FILE is looked at while the command runs
 TERM_S = 5.0  # from SIGTERM to SIGKILL
+GONE_S = 10.0  # how long a killed group's processes may take to end
 
 
 def written(path: Path, since: float) -> bool:
@@ -42,6 +43,31 @@ def kill_group(group: int, sig: int):
         os.killpg(group, sig)
     except ProcessLookupError:  # nothing of it is left
         pass
+
+
+def living_members(group: int) -> list[int]:
+    """The processes of `group` not yet ended (a zombie has ended: it holds no memory, only its exit status)."""
+    members = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(')', 1)[1].split()[:3]
+        except (OSError, IndexError):  # ended while we looked
+            continue
+        if int(pgrp) == group and state not in ('Z', 'X'):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_and_wait(group: int):
+    """SIGKILL the group and wait until its processes have ended: a signal is only delivered, not yet acted upon, when
+    killpg returns, and the next step wants the GPU memory they hold."""
+    kill_group(group, signal.SIGKILL)
+    deadline = time.monotonic() + GONE_S
+    while (left := living_members(group)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        print(f'until_json: processes {left} of the command still run {GONE_S:g} s after SIGKILL', file=sys.stderr,
+              flush=True)
 
 
 def stop(process: subprocess.Popen):
@@ -70,7 +96,7 @@ def run(path: Path, grace: float, command: list[str]) -> int:
                     stop(process)
                     return 0
     finally:
-        kill_group(process.pid, signal.SIGKILL)
+        kill_and_wait(process.pid)
         process.wait()
 
 
