@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -127,23 +128,52 @@ def load(path: Path, needs: tuple = ()) -> dict:
     return payload
 
 
-def load_state_dict(path: Path, use_ema: bool) -> dict:
-    """Model weights from timm/torch .pth files (weights only) or .safetensors files."""
+@dataclass
+class StoredWeights:
+    """The weights a file holds, whatever wrote it."""
+    raw: dict
+    ema: Optional[dict]
+    recipe: Optional[dict]  # the training recipe, which only mnv-train checkpoints carry
+    manifest: Optional[dict]  # None when nothing checked the file (plain weight files)
+
+    @property
+    def preferred(self) -> dict:
+        """The EMA weights when the file holds some, else the raw ones: what a teacher or a fine-tuning starts from."""
+        return self.raw if self.ema is None else self.ema
+
+
+RAW_KEYS, EMA_KEYS = ('model', 'state_dict'), ('ema', 'state_dict_ema', 'model_ema')  # ours, then timm's
+
+
+def read_weights(path: Path, needs: tuple = ('model',)) -> StoredWeights:
+    """The weights of an mnv-train checkpoint (checked against its manifest, holding the parts in `needs`), of a
+    timm/torch .pth file (weights only) or a .safetensors file; an mnv-train checkpoint copied without its manifest
+    is read as a plain file, with a warning that nothing checked it."""
     path = Path(path)
+    if manifest_path(path).is_file():
+        payload = load(path, needs)
+        return StoredWeights(payload['model'], payload.get('ema'), payload.get('recipe'), read_manifest(path))
     if not path.is_file():
         raise UserError(f'checkpoint {path} not found')
     if path.suffix == '.safetensors':
         try:
-            return load_file(str(path))
+            return StoredWeights(load_file(str(path)), None, None, None)
         except Exception as e:  # safetensors raises its own error types
             raise UserError(f'{path}: not a readable safetensors file ({e})') from None
     payload = _torch_load(path.read_bytes(), path)
-    for key in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model'):
-        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
-            return payload[key]
-    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return payload
-    raise UserError(f'{path}: no model weights found in it')
+    if not isinstance(payload, dict):
+        raise UserError(f'{path}: no model weights found in it')
+    ours = payload.get('format') == FORMAT
+    if ours:
+        logs.warn(f'{path} has no manifest {manifest_path(path).name} beside it: read without checking its checksum')
+    raw, ema = (next((payload[key] for key in keys if isinstance(payload.get(key), dict)), None)
+                for keys in (RAW_KEYS, EMA_KEYS))
+    if raw is None and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raw = payload  # a bare state dict
+    if raw is None:
+        raise UserError(f'{path}: no model weights found in it')
+    recipe = payload.get('recipe') if ours else None
+    return StoredWeights(raw, ema, recipe if isinstance(recipe, dict) else None, None)
 
 
 class Checkpointer:

@@ -86,15 +86,10 @@ def load_teacher(cfg: DistillConfig, num_classes: int, student_size: int, device
     path = Path(cfg.teacher_path)
     if not path.is_file():
         raise UserError(f'distill.teacher_path {path} not found (the teacher\'s weights, trained beforehand)')
-    teacher_recipe = None
-    if checkpoint.manifest_path(path).is_file():
-        payload = checkpoint.load(path, needs=('model', 'recipe'))
-        state_dict, teacher_recipe = payload.get('ema') or payload['model'], payload['recipe']
-    else:
-        state_dict = checkpoint.load_state_dict(path, use_ema=True)
+    stored = checkpoint.read_weights(path, needs=('model', 'recipe'))
     model = models.create(ModelConfig(name=cfg.teacher), num_classes)
-    models.load_weights(model, state_dict, f'distill.teacher_path {path}')
-    own = (teacher_recipe or {}).get('data', {})
+    models.load_weights(model, stored.preferred, f'distill.teacher_path {path}')
+    own = (stored.recipe or {}).get('data', {})
     img_size = cfg.img_size or own.get('img_size') or student_size
     defaults = resolve_data_config({}, model=model)
     norm = data.Normalization(tuple(cfg.mean or own.get('mean') or defaults['mean']),

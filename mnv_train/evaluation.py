@@ -108,7 +108,7 @@ class Weights:
     kind: str  # 'ema' or 'raw'
     state_dict: dict
     path: Path
-    manifest: Optional[dict]  # None for plain weight files (timm .pth, safetensors)
+    manifest: Optional[dict]  # None when no manifest checked the file (timm .pth, safetensors, a copy without it)
 
 
 def load_weights(path: Path, choice: str = 'auto', recipe_name: Optional[str] = None,
@@ -116,18 +116,14 @@ def load_weights(path: Path, choice: str = 'auto', recipe_name: Optional[str] = 
     """The weights of a checkpoint (EMA or raw: `choice` auto takes EMA when there is some) and their recipe:
     the checkpoint's own, or `recipe_name` for files that carry none; `overrides` apply on top."""
     path, overrides = Path(path), overrides or []
-    needs = ('model',) if recipe_name else ('model', 'recipe')
-    payload = checkpoint.load(path, needs) if checkpoint.manifest_path(path).is_file() else None
+    stored = checkpoint.read_weights(path, ('model',) if recipe_name else ('model', 'recipe'))
     if recipe_name:
         recipe = recipes.load(recipe_name, overrides)
-    elif payload is not None:
-        recipe = recipes.from_dict(recipes.apply_overrides(payload['recipe'], overrides))
+    elif stored.recipe is not None:
+        recipe = recipes.from_dict(recipes.apply_overrides(stored.recipe, overrides))
     else:
         raise UserError(f'{path} carries no recipe: pass --recipe (the model and data settings to use)')
-    if payload is None:
-        return Weights(recipe, 'ema' if choice == 'ema' else 'raw',
-                       checkpoint.load_state_dict(path, use_ema=choice == 'ema'), path, None)
-    return chosen_weights(recipe, payload['model'], payload.get('ema'), path, checkpoint.read_manifest(path), choice)
+    return chosen_weights(recipe, stored.raw, stored.ema, path, stored.manifest, choice)
 
 
 def chosen_weights(recipe: recipes.Recipe, raw: dict, ema: Optional[dict], path: Path, manifest: Optional[dict],
@@ -136,7 +132,8 @@ def chosen_weights(recipe: recipes.Recipe, raw: dict, ema: Optional[dict], path:
     and for the weights a run ends with alike."""
     use_ema = choice == 'ema' or (choice == 'auto' and ema is not None)
     if use_ema and ema is None:
-        raise UserError(f'checkpoint {path} has no EMA weights (the run had ema.enabled false); use --weights raw')
+        raise UserError(f'checkpoint {path} holds no EMA weights (a run with ema.enabled false, or a file of raw '
+                        f'weights only); use --weights raw')
     return Weights(recipe, 'ema' if use_ema else 'raw', ema if use_ema else raw, path, manifest)
 
 

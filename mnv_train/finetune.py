@@ -26,17 +26,13 @@ def prepare(module: nn.Module, cfg: ModelConfig, img_size: int) -> list[str]:
 
 def load_pretrained(module: nn.Module, cfg: ModelConfig, img_size: int) -> list[str]:
     path = Path(cfg.pretrained_path)
-    if checkpoint.manifest_path(path).is_file():
-        payload = checkpoint.load(path, needs=('model', 'recipe'))
-        weights = 'ema' if payload.get('ema') is not None else 'model'
-        recipe = payload['recipe']
-        notes = [f'initialised from the {"EMA" if weights == "ema" else "raw"} weights of {path}']
-        notes += load_into(module, payload[weights], path, cfg.name, trained_as=recipe['model']['name'])
-        pretrained_size, size_source = recipe['data']['img_size'], 'its recipe'
+    stored = checkpoint.read_weights(path, needs=('model', 'recipe'))
+    own = stored.recipe or {}  # an mnv-train checkpoint's recipe says what it was trained as, and at which size
+    notes = [f'initialised from the {"raw" if stored.ema is None else "EMA"} weights of {path}']
+    notes += load_into(module, stored.preferred, path, cfg.name, trained_as=own.get('model', {}).get('name'))
+    if own:
+        pretrained_size, size_source = own.get('data', {}).get('img_size'), 'its recipe'
     else:
-        which = '' if path.suffix == '.safetensors' else ' (its EMA weights if it holds state_dict_ema)'
-        notes = [f'initialised from {path}{which}']
-        notes += load_into(module, checkpoint.load_state_dict(path, use_ema=True), path, cfg.name)
         pretrained_size = module.pretrained_cfg.get('input_size', (None,))[-1]
         tag = f'{cfg.name}.{module.pretrained_cfg.get("tag")}'
         size_source = f'{path.name} does not say; timm\'s pretrained cfg {tag} does'

@@ -292,7 +292,7 @@ def test_a_checkpoint_and_a_finished_run_choose_ema_or_raw_weights_by_one_rule(t
     assert {key: (w.kind, w.state_dict is ema) for key, w in picked.items()} == {
         ('auto', True): ('ema', True), ('auto', False): ('raw', False), ('raw', True): ('raw', False),
         ('raw', False): ('raw', False), ('ema', True): ('ema', True)}
-    with pytest.raises(UserError, match=f'checkpoint {path} has no EMA weights'):
+    with pytest.raises(UserError, match=f'checkpoint {path} holds no EMA weights'):
         chosen_weights(recipe, raw, None, path, None, 'ema')
 
 

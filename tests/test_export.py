@@ -100,7 +100,7 @@ def test_a_checkpoint_without_manifest_or_ema_is_refused(trained, tmp_path, caps
     payload, manifest = checkpoint.load(trained), checkpoint.read_manifest(trained)
     no_ema = checkpoint.Checkpointer(tmp_path / 'no-ema', 1, True).save({**payload, 'ema': None}, manifest, False)
     assert export.main([str(no_ema), '--output', str(tmp_path / 'out'), '--weights', 'ema']) == 2
-    assert 'has no EMA weights' in capsys.readouterr().err and not (tmp_path / 'out').exists()
+    assert 'holds no EMA weights' in capsys.readouterr().err and not (tmp_path / 'out').exists()
 
 
 FAMILY = {'data': {'synthetic_train_size': 64}, 'aug': {'mixup': 0.8, 'cutmix': 1.0},

@@ -49,7 +49,7 @@ def test_another_input_size_than_pretraining_is_warned_about(pretrained, tmp_pat
     torch.save({'state_dict': payload['model'], 'state_dict_ema': payload['ema']}, timm_file)
     module, cfg = fresh(pretrained_path=str(timm_file))
     notes = finetune.prepare(module, cfg, 32)
-    assert 'its EMA weights if it holds state_dict_ema' in notes[0]
+    assert notes[0] == f'initialised from the EMA weights of {timm_file}'
     assert notes[-1].startswith("input size differs from pretraining: 224 px (model.pth.tar does not say; timm's "
                                 "pretrained cfg mobilenetv4_conv_small.e2400_r224_in1k does)")
     assert torch.equal(module.state_dict()['conv_stem.weight'], payload['ema']['conv_stem.weight'])

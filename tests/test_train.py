@@ -147,6 +147,40 @@ def test_validate_reads_plain_state_dicts_with_a_recipe(write_recipe, tmp_path, 
     assert err.count('\n') == 1
 
 
+def test_validate_evaluates_the_weights_a_file_holds_and_names_them_truly(tiny_run, tmp_path, capsys):
+    """timm's checkpoint layout (state_dict, state_dict_ema) is evaluated on its EMA weights by default; --weights ema
+    on a file of raw weights only is refused instead of answered with the raw ones; our checkpoint copied without its
+    manifest keeps its own recipe and says that nothing checked it."""
+    ours, recipe = tiny_run / 'checkpoints' / 'last.pt', str(tiny_run / 'recipe.yaml')
+    payload = checkpoint.load(ours)
+
+    def evaluated(*args) -> dict:
+        target = tmp_path / 'result.json'
+        assert validate_main([*map(str, args), '--json', str(target)]) == 0, capsys.readouterr().err
+        result = json.loads(target.read_text())
+        return {key: result[key] for key in ('weights', 'top1', 'loss')}
+
+    expected = {weights: evaluated(ours, '--weights', weights) for weights in ('ema', 'raw')}
+    assert expected['ema']['loss'] != expected['raw']['loss']  # the two sets of weights tell apart
+    timm_file, raw_only = tmp_path / 'model.pth.tar', tmp_path / 'raw.pth'
+    torch.save({'state_dict': payload['model'], 'state_dict_ema': payload['ema']}, timm_file)
+    torch.save({'state_dict': payload['model']}, raw_only)
+    assert evaluated(timm_file, '--recipe', recipe) == expected['ema']
+    assert evaluated(timm_file, '--recipe', recipe, '--weights', 'raw') == expected['raw']
+    assert evaluated(raw_only, '--recipe', recipe) == expected['raw']
+    capsys.readouterr()
+    assert validate_main([str(raw_only), '--recipe', recipe, '--weights', 'ema']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: checkpoint {raw_only} holds no EMA weights') and err.count('\n') == 1
+
+    copied = tmp_path / 'copied' / 'last.pt'
+    copied.parent.mkdir()
+    shutil.copy(ours, copied)  # without last.pt.json
+    assert evaluated(copied) == expected['ema']
+    assert f'{copied} has no manifest last.pt.json beside it: read without checking its checksum' in \
+        capsys.readouterr().err
+
+
 @pytest.fixture(scope='module')
 def hybrid_large_checkpoint(tmp_path_factory):
     """An untrained mnv4_hybrid_large checkpoint whose recipe reads 2 synthetic validation images."""
