@@ -16,7 +16,7 @@ from typing import Optional
 
 from . import checkpoint, distributed, logs
 from . import recipe as recipes
-from .entry import Parser, add_recipe_arguments, guarded, recipe_overrides
+from .entry import Parser, add_recipe_arguments, at_least, guarded, recipe_overrides
 from .errors import UserError
 from .evaluation import evaluate_weights
 
@@ -25,15 +25,15 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog='python -m mnv_train.average', description='Average the top-k checkpoints '
                                 'of a run by eval top-1, evaluate the average and save it')
     p.add_argument('run_dir', help='run folder (the one holding checkpoints/)')
-    p.add_argument('--top-k', type=int, required=True, help='how many of the best checkpoints to average')
+    p.add_argument('--top-k', type=at_least(1), required=True, help='how many of the best checkpoints to average')
     p.add_argument('--weights', choices=['auto', 'ema', 'raw'], default='auto',
                    help='average the EMA or the raw weights, ranked by ema_top1 or top1 (auto: EMA if the run has it)')
     p.add_argument('--output', help='where to save the average (default: RUN_DIR/average-top{K}-{weights}.pt)')
     p.add_argument('--force', action='store_true', help='overwrite an existing output file')
-    p.add_argument('--precise-bn', type=int, metavar='N', help='recompute BatchNorm statistics of the average '
+    p.add_argument('--precise-bn', type=at_least(0), metavar='N', help='recompute BatchNorm statistics of the average '
                    'over N training batches (default: the recipe\'s train.precise_bn_batches)')
     add_recipe_arguments(p)
-    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--batch-size', type=at_least(1), default=128)
     p.add_argument('--device', default='auto')
     return p
 
@@ -65,8 +65,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / 'checkpoints').is_dir():
         raise UserError(f'{run_dir} is not a run folder: it has no checkpoints/')
-    if args.top_k < 1:
-        raise UserError(f'--top-k must be at least 1, got {args.top_k}')
     checkpointer = checkpoint.Checkpointer(run_dir / 'checkpoints', keep=1, is_writer=False)
     weights = args.weights
     if weights == 'auto':

@@ -43,7 +43,7 @@ from . import distributed, logs
 from . import recipe as recipes
 from .build import Run, build_run
 from .engine import epoch_batches, forward_backward, optimizer_step, seed_micro_batch, train_steps
-from .entry import Parser, add_recipe_arguments, guarded, recipe_overrides
+from .entry import Parser, add_recipe_arguments, at_least, guarded, recipe_overrides
 from .errors import UserError
 
 
@@ -244,16 +244,16 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog='python -m mnv_train.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--recipe', required=True)
     add_recipe_arguments(p)
-    p.add_argument('--img-size', type=int, help='default: the recipe\'s')
-    p.add_argument('--batch-size', type=int, help='per device (default: the recipe\'s train.batch_size)')
-    p.add_argument('--workers', type=int, help='loader workers per process (default: the recipe\'s)')
-    p.add_argument('--steps', type=int, default=20, help='timed optimizer steps per measurement')
-    p.add_argument('--warmup', type=int, default=3, choices=range(1, 1000), metavar='N',
+    p.add_argument('--img-size', type=at_least(1), help='default: the recipe\'s')
+    p.add_argument('--batch-size', type=at_least(1), help='per device (default: the recipe\'s train.batch_size)')
+    p.add_argument('--workers', type=at_least(0), help='loader workers per process (default: the recipe\'s)')
+    p.add_argument('--steps', type=at_least(1), default=20, help='timed optimizer steps per measurement')
+    p.add_argument('--warmup', type=at_least(1), default=3, metavar='N',
                    help='untimed steps first (compile, cudnn autotune, caches); at least 1')
     instead = p.add_mutually_exclusive_group()
     instead.add_argument('--compare-shards', metavar='SHARDS', help='instead: input img/s of the folder against the '
                                                                     'same images as MDS shards at SHARDS (path or s3://)')
-    p.add_argument('--rounds', type=int, default=3, help='--compare-shards: alternate measurements of each')
+    p.add_argument('--rounds', type=at_least(1), default=3, help='--compare-shards: alternate measurements of each')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='write the figures here')
     instead.add_argument('--compile-modes', type=compile_modes, metavar='MODE[,MODE]',

@@ -87,6 +87,15 @@ def _torch_load(data: bytes, path: Path) -> dict:
         raise UserError(f'checkpoint {path} is truncated or corrupt ({first[:160]})') from None
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read a block at a time: what names a weight file's contents."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write(path: Path, payload: dict, meta: dict):
     """A checkpoint and its manifest (sha256, size, meta), each written atomically; the manifest goes last,
     so a crash in between leaves a file that fails its check rather than one that passes wrongly."""
@@ -131,7 +140,7 @@ def load(path: Path, needs: tuple = ()) -> dict:
 @dataclass
 class StoredWeights:
     """The weights a file holds, whatever wrote it."""
-    raw: dict
+    raw: Optional[dict]  # None in an average of EMA weights
     ema: Optional[dict]
     recipe: Optional[dict]  # the training recipe, which only mnv-train checkpoints carry
     manifest: Optional[dict]  # None when nothing checked the file (plain weight files)
@@ -151,8 +160,10 @@ def read_weights(path: Path, needs: tuple = ('model',)) -> StoredWeights:
     is read as a plain file, with a warning that nothing checked it."""
     path = Path(path)
     if manifest_path(path).is_file():
-        payload = load(path, needs)
-        return StoredWeights(payload['model'], payload.get('ema'), payload.get('recipe'), read_manifest(path))
+        payload, manifest = load(path, needs), read_manifest(path)
+        if (manifest.get('averaged') or {}).get('weights') == 'ema':  # mnv_train.average keeps them as its model
+            return StoredWeights(None, payload['model'], payload.get('recipe'), manifest)
+        return StoredWeights(payload['model'], payload.get('ema'), payload.get('recipe'), manifest)
     if not path.is_file():
         raise UserError(f'checkpoint {path} not found')
     if path.suffix == '.safetensors':

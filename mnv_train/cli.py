@@ -16,9 +16,18 @@ from . import recipe as recipes
 from .build import Run, build_run
 from .dryrun import dry_run
 from .engine import Interrupted, StopFlag, fit
-from .entry import Parser, add_recipe_arguments, check_creatable, guarded, make_folder, recipe_overrides
+from .entry import (
+    Parser,
+    add_recipe_arguments,
+    at_least,
+    check_creatable,
+    fraction,
+    guarded,
+    make_folder,
+    recipe_overrides,
+)
 from .errors import UserError
-from .eval_suite import evaluate_suite, set_paths
+from .eval_suite import BY_NAME, evaluate_suite, merged, set_paths
 from .evaluation import EvalSetting, Weights, chosen_weights, eval_setting, evaluate_weights, load_weights
 from .optim import plan_batch, trajectory_note
 from .report import suite_json_name, suite_table, write_report
@@ -40,15 +49,15 @@ def train_parser() -> argparse.ArgumentParser:
                    'holder looks alive (it is not: e.g. its node was lost without a trace)')
     p.add_argument('--allow-recipe-change', action='store_true', help='resume although the recipe changes more '
                    'than what only extends or observes the run (epochs, logging, checkpoints, workers, eval sizes)')
-    p.add_argument('--global-batch', type=int, help='run at this global batch instead of the recipe\'s '
+    p.add_argument('--global-batch', type=at_least(1), help='run at this global batch instead of the recipe\'s '
                    '(LR and EMA decay are rescaled)')
-    p.add_argument('--batch-size', type=int, help='per-device batch (default: the recipe\'s train.batch_size)')
+    p.add_argument('--batch-size', type=at_least(1), help='per-device batch (default: the recipe\'s train.batch_size)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and batch plan, then exit')
     p.add_argument('--dry-run', action='store_true', help='build everything, report the schedule, LR, EMA and '
                    'estimated time, then exit without training')
     p.add_argument('--list-recipes', action='store_true', help='list the shipped recipes, then exit')
-    p.add_argument('--max-steps', type=int, default=0, help='checkpoint and stop after this many optimizer '
+    p.add_argument('--max-steps', type=at_least(0), default=0, help='checkpoint and stop after this many optimizer '
                    'steps (a slice of a long run, e.g. under a job time limit); --resume auto continues it')
     p.add_argument('--quiet', action='store_true', help='only epoch summaries and warnings')
     p.add_argument('--data-root', help='folder holding the evaluation suite\'s sets (val/, '
@@ -299,12 +308,12 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--recipe', help='recipe for checkpoints that carry none (timm/safetensors files)')
     add_recipe_arguments(p)
     p.add_argument('--split', help='dataset split (default: the recipe\'s data.val_split)')
-    p.add_argument('--img-size', type=int, help='eval resolution (default: the recipe\'s, or the published eval '
-                   'setting)')
-    p.add_argument('--crop-pct', type=float, help='center crop fraction (default: the recipe\'s, or the published '
+    p.add_argument('--img-size', type=at_least(1), help='eval resolution (default: the recipe\'s, or the published '
+                   'eval setting)')
+    p.add_argument('--crop-pct', type=fraction, help='center crop fraction (default: the recipe\'s, or the published '
                    'one at the published eval size)')
-    p.add_argument('--batch-size', type=int, default=128)
-    p.add_argument('--precise-bn', type=int, default=0, metavar='N',
+    p.add_argument('--batch-size', type=at_least(1), default=128)
+    p.add_argument('--precise-bn', type=at_least(0), default=0, metavar='N',
                    help='recompute BatchNorm statistics over N training batches before evaluating')
     p.add_argument('--device', default='auto')
     p.add_argument('--json', help='where to write the result (default: beside the checkpoint)')
@@ -324,12 +333,19 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     if args.json:  # before the evaluation, which may take long, rather than after it
         check_creatable(Path(args.json).parent, 'the folder of --json')
     suite = validation_suite(args.suite, args.data_root, args.sets)
-    overrides = recipe_overrides(args) + ([f'data.val_split={args.split}'] if args.split else [])
-    weights = load_weights(Path(args.checkpoint), args.weights, args.recipe, overrides + ['data.extra_evals=[]'])
+    weights = load_weights(Path(args.checkpoint), args.weights, args.recipe,
+                           recipe_overrides(args) + ['data.extra_evals=[]'])
     setting = apply_setting(weights, args.img_size, args.crop_pct)
+    if args.split is not None and args.split != weights.recipe.data.val_split:
+        if suite is not None:
+            raise UserError('--split does not apply to --suite, whose sets each have their own')
+        weights.recipe.data.val_split = args.split
+        setting.expected_top1, setting.split = None, args.split  # the published figure is of the recipe's split
     world = distributed.init(args.device)
     logs.configure(world.is_main, False)
     if suite is not None:
+        if not any(path.exists() for path in suite.values()):
+            raise UserError(f'--suite: none of its sets is there ({", ".join(str(path) for path in suite.values())})')
         run_suite(weights, setting, suite, world, args.batch_size, args.precise_bn, args.json)
         return 0
     [(_, result)], _, recalibrated = evaluate_weights(weights.recipe, weights.state_dict, str(weights.path), world,
@@ -388,22 +404,42 @@ def report_validation(weights, setting: EvalSetting, result: dict, recalibrated:
     if result['wild_logits']:
         logs.warn(diagnostics.wild_logit_text(result['wild_logits'], result['wild_loss'], result['loss']))
     recalibration = f'-pbn{recalibrated}' if recalibrated else ''
+    split = f'-{setting.split}' if setting.split else ''
     write_result(Path(json_path) if json_path else path.with_name(
-        f'{path.stem}.eval-{weights.kind}-{setting.img_size}-{setting.crop_pct:g}{recalibration}.json'), result)
+        f'{path.stem}.eval-{weights.kind}-{setting.img_size}-{setting.crop_pct:g}{recalibration}{split}.json'), result)
 
 
 def report_suite(weights: Weights, setting: EvalSetting, rows: list[dict], recalibrated: int,
                  json_path: Optional[str]) -> bool:
     """The suite's table on the console and its JSON; True when that went beside the checkpoint."""
     path = weights.path
+    out = Path(json_path) if json_path else path.with_name(
+        suite_json_name(path.stem, weights.kind, setting.img_size, setting.crop_pct, recalibrated))
+    sha256 = weights.manifest['sha256'] if weights.manifest else checkpoint.file_sha256(path)
+    scored = {row['set'] for row in rows if 'top1' in row}
+    rows = merged(earlier_suite_rows(out, sha256) if not json_path else [], rows)
     print(f'{path.name} ({weights.kind} weights) at {setting.img_size} px, crop {setting.crop_pct:g} '
           f'({setting.crop_source}):')
     print('\n'.join(suite_table(rows)))
-    result = {'checkpoint': str(path), 'weights': weights.kind, 'model': weights.recipe.model.name,
+    kept = [row['set'] for row in rows if 'top1' in row and row['set'] not in scored]
+    if kept:
+        print(f'(kept from an earlier evaluation of the same weights in {out.name}: {", ".join(kept)})')
+    result = {'checkpoint': str(path), 'sha256': sha256, 'weights': weights.kind, 'model': weights.recipe.model.name,
               'img_size': setting.img_size, 'crop_pct': setting.crop_pct, 'crop_source': setting.crop_source,
               'precise_bn_batches': recalibrated, 'sets': rows}
-    name = suite_json_name(path.stem, weights.kind, setting.img_size, setting.crop_pct, recalibrated)
-    return write_result(Path(json_path) if json_path else path.with_name(name), result) and not json_path
+    return write_result(out, result) and not json_path
+
+
+def earlier_suite_rows(path: Path, sha256: str) -> list[dict]:
+    """The rows of the suite result at path when it is of the same weights file (last.pt moves on as a run
+    trains), else none."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    sets = earlier.get('sets') if isinstance(earlier, dict) and earlier.get('sha256') == sha256 else None
+    return [row for row in sets if isinstance(row, dict) and row.get('set') in BY_NAME] if isinstance(sets, list) \
+        else []
 
 
 def write_result(out: Path, result: dict) -> bool:

@@ -13,7 +13,6 @@ distillation, which trains with the student.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -68,14 +67,6 @@ class Teacher:
         return {'path': str(self.path), 'sha256': self.sha256, 'img_size': self.img_size}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_teacher(cfg: DistillConfig, num_classes: int, student_size: int, device: torch.device,
                  channels_last: bool) -> Teacher:
     """The teacher of distill.teacher with the weights of distill.teacher_path, frozen, on the device.
@@ -98,7 +89,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, student_size: int, device
     teacher = DistillationTeacher(TeacherInput(model, img_size), device=device).eval()
     teacher.mean_kd.copy_(torch.tensor(norm.mean, device=device).view(1, -1, 1, 1))
     teacher.std_kd.copy_(torch.tensor(norm.std, device=device).view(1, -1, 1, 1))
-    return Teacher(teacher, path, file_sha256(path), img_size, norm)
+    return Teacher(teacher, path, checkpoint.file_sha256(path), img_size, norm)
 
 
 @dataclass

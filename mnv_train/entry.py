@@ -23,6 +23,25 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f'{self.prog}: {message}')
 
 
+def at_least(least: int):
+    """An argparse type: a whole number of at least `least`. A batch of 0 or a negative count would otherwise fail
+    deep inside torch with a traceback, or be taken for "not given"."""
+    def whole_number(text: str) -> int:
+        value = int(text)  # argparse turns a ValueError into "invalid whole_number value: 'x'"
+        if value < least:
+            raise argparse.ArgumentTypeError(f'{value} is below {least}')
+        return value
+    return whole_number
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1], as a crop fraction."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f'{value:g} is not in (0, 1]')
+    return value
+
+
 def make_folder(path: Path, what: str) -> Path:
     """path as a folder that exists, made if needed; one that cannot be made is a UserError naming it."""
     path = Path(path)

@@ -60,6 +60,8 @@ def set_paths(root: Optional[Path], picks: list[str]) -> dict[str, Path]:
         if not path and root is None:
             raise UserError(f'--sets {name}: give its folder as {name}=PATH, or --data-root holding '
                             f'{BY_NAME[name].layout}')
+        if path and not Path(path).exists():
+            raise UserError(f'--sets {pick}: {path} does not exist')
         picked[name] = Path(path) if path else root / BY_NAME[name].layout
     if 'real' in picked and 'imagenet' not in picked:
         if root is None:
@@ -147,12 +149,28 @@ def evaluate_suite(recipe: recipes.Recipe, state_dict: dict, source_name: str, w
                                  batch_size)
     scored = {row['set'] for row in rows}
     rows += [{'set': name, 'path': str(path), 'missing': True} for name, path in paths.items() if name not in scored]
-    rows.sort(key=lambda row: list(BY_NAME).index(row['set']))
+    return with_gaps(rows), model.recalibrated
+
+
+def with_gaps(rows: list[dict]) -> list[dict]:
+    """The rows in the suite's order, each scored one with its top-1 gap to ImageNet val when that was scored."""
+    rows = sorted(rows, key=lambda row: list(BY_NAME).index(row['set']))
     reference = next((row['top1'] for row in rows if row['set'] == 'imagenet' and 'top1' in row), None)
     for row in rows:
+        row.pop('gap_top1', None)
         if 'top1' in row and reference is not None:
             row['gap_top1'] = row['top1'] - reference
-    return rows, model.recalibrated
+    return rows
+
+
+def merged(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """This evaluation's rows over an earlier one's of the same weights and setting, so that sets scored one
+    --sets at a time add up; a set this evaluation found missing keeps its earlier score."""
+    by_set = {row['set']: row for row in earlier}
+    for row in rows:
+        if 'top1' in row or 'top1' not in by_set.get(row['set'], {}):
+            by_set[row['set']] = row
+    return with_gaps(list(by_set.values()))
 
 
 def evaluate_set(name: str, folder: Path, real_path: Optional[Path], recipe: recipes.Recipe, model, world: World,

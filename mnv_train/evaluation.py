@@ -126,11 +126,13 @@ def load_weights(path: Path, choice: str = 'auto', recipe_name: Optional[str] = 
     return chosen_weights(recipe, stored.raw, stored.ema, path, stored.manifest, choice)
 
 
-def chosen_weights(recipe: recipes.Recipe, raw: dict, ema: Optional[dict], path: Path, manifest: Optional[dict],
-                   choice: str = 'auto') -> Weights:
+def chosen_weights(recipe: recipes.Recipe, raw: Optional[dict], ema: Optional[dict], path: Path,
+                   manifest: Optional[dict], choice: str = 'auto') -> Weights:
     """The EMA or the raw weights of a run (`choice` auto takes EMA when there is some), for a checkpoint read back
     and for the weights a run ends with alike."""
     use_ema = choice == 'ema' or (choice == 'auto' and ema is not None)
+    if not use_ema and raw is None:
+        raise UserError(f'checkpoint {path} holds no raw weights (an average of EMA weights); use --weights ema')
     if use_ema and ema is None:
         raise UserError(f'checkpoint {path} holds no EMA weights (a run with ema.enabled false, or a file of raw '
                         f'weights only); use --weights raw')
@@ -181,6 +183,7 @@ class EvalSetting:
     crop_pct: float
     crop_source: str  # why this crop: the user's flag, the published eval setting, or the recipe
     expected_top1: Optional[float]  # the published figure for exactly this size and crop, if there is one
+    split: Optional[str] = None  # a split other than the recipe's data.val_split, which no published figure is of
 
 
 def eval_setting(recipe: recipes.Recipe, img_size: Optional[int], crop_pct: Optional[float]) -> EvalSetting:

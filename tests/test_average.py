@@ -67,7 +67,11 @@ def test_average_of_the_top_k_is_evaluated_and_saved(run_dir, capsys):
     assert [s['step'] for s in manifest['averaged']['checkpoints']] == steps
     capsys.readouterr()
     assert validate_main([str(output), '--json', str(run_dir / 'avg-eval.json')]) == 0
-    assert json.loads((run_dir / 'avg-eval.json').read_text())['top1'] == pytest.approx(manifest['metrics']['top1'])
+    evaluated = json.loads((run_dir / 'avg-eval.json').read_text())
+    assert evaluated['top1'] == pytest.approx(manifest['metrics']['top1'])
+    assert evaluated['weights'] == 'ema'  # an average of EMA weights is called so, where it is read back
+    assert validate_main([str(output), '--weights', 'raw']) == 2
+    assert f'checkpoint {output} holds no raw weights (an average of EMA weights)' in capsys.readouterr().err
 
 
 def test_raw_weights_are_ranked_by_raw_top1(run_dir, capsys):
@@ -76,6 +80,8 @@ def test_raw_weights_are_ranked_by_raw_top1(run_dir, capsys):
     saved, best = checkpoint.load(run_dir / 'raw.pt')['model'], checkpoint.load(best_path)['model']
     assert all(torch.equal(value, best[key]) for key, value in saved.items())
     assert checkpoint.read_manifest(run_dir / 'raw.pt')['metrics']['top1'] == pytest.approx(best_score)
+    assert validate_main([str(run_dir / 'raw.pt'), '--json', str(run_dir / 'raw-eval.json')]) == 0
+    assert json.loads((run_dir / 'raw-eval.json').read_text())['weights'] == 'raw'
 
 
 def test_refusals_are_one_line_and_lose_nothing(run_dir, tmp_path, capsys):

@@ -11,7 +11,6 @@ from mnv_train import recipe as recipes
 from mnv_train.build import build_run
 from mnv_train.cli import train_main
 from mnv_train.data import device_batches
-from mnv_train.distill import file_sha256
 from mnv_train.engine import StopFlag, Watch, train_one_epoch
 
 from conftest import ONE_EPOCH, assert_same_training_state, merge, train_tiny, wait_for
@@ -61,7 +60,8 @@ def test_the_teacher_is_frozen_outside_ddp_and_the_checkpoint_keeps_only_its_pat
     payload = checkpoint.load(tmp_path / 'run' / 'checkpoints' / 'last.pt')
     plain = build_run(recipes.load(str(write_recipe(name='plain'))), distributed.init('cpu'), tmp_path / 'plain')
     assert payload['model'].keys() == plain.module.state_dict().keys() == payload['ema'].keys()  # the student only
-    assert payload['distill']['path'] == str(teacher) and payload['distill']['sha256'] == file_sha256(teacher)
+    assert payload['distill']['path'] == str(teacher)
+    assert payload['distill']['sha256'] == checkpoint.file_sha256(teacher)
     assert payload['distill']['projection'] is None
     run = build_run(recipes.load(str(recipe)), distributed.init('cpu'), tmp_path / 'again')
     teacher_parameters = list(run.distillation.teacher.module.parameters())
@@ -148,6 +148,6 @@ def test_a_teacher_given_as_a_safetensors_file_gets_the_weights_of_its_checkpoin
     save_file({key: value.contiguous() for key, value in (payload.get('ema') or payload['model']).items()}, str(path))
     teachers = [build_run(recipes.load(str(write_recipe(kd(source)))), distributed.init('cpu'),
                           tmp_path / name).distillation.teacher for source, name in ((teacher, 'a'), (path, 'b'))]
-    assert teachers[1].sha256 == file_sha256(path) and teachers[1].img_size == teachers[0].img_size
+    assert teachers[1].sha256 == checkpoint.file_sha256(path) and teachers[1].img_size == teachers[0].img_size
     first, second = (t.module.state_dict() for t in teachers)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -259,6 +259,38 @@ def test_results_land_beside_the_checkpoint_named_by_weights_size_crop_and_recal
     assert result['precise_bn_batches'] == 1 and result['sets'][0]['top1'] == 40
 
 
+def test_sets_scored_one_at_a_time_add_up_for_the_same_weights_and_a_suite_that_finds_none_writes_nothing(
+        sets, tmp_path, capsys):
+    weights, data = tmp_path / 'constant.pth', sets['data']
+    weights.write_bytes(sets['weights'].read_bytes())
+    result = weights.with_name('constant.suite-raw-32-1.json')
+
+    def scored(*picks) -> dict:
+        argv = [weights, '--recipe', sets['recipe'], '--suite', 'imagenet', '--sets', *picks]
+        assert validate_main(list(map(str, argv))) == 0, capsys.readouterr().err
+        return {row['set']: row.get('top1') for row in json.loads(result.read_text())['sets']}
+
+    assert scored(f'imagenet-v2={data / "imagenetv2-matched-frequency"}') == {'imagenet-v2': 40.0}
+    assert scored(f'sketch={data / "sketch"}') == {'imagenet-v2': 40.0, 'sketch': 30.0}
+    assert '(kept from an earlier evaluation of the same weights in constant.suite-raw-32-1.json: imagenet-v2)' in \
+        capsys.readouterr().out
+    before = result.read_bytes()
+    for picks, said in ((['--sets', f'sketch={tmp_path / "nowhere"}'], f'--sets sketch={tmp_path / "nowhere"}: '
+                         f'{tmp_path / "nowhere"} does not exist'),
+                        (['--data-root', tmp_path / 'nowhere'], '--suite: none of its sets is there')):
+        argv = [weights, '--recipe', sets['recipe'], '--suite', 'imagenet', *picks]
+        assert validate_main(list(map(str, argv))) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f'error: {said}') and error.count('\n') == 1
+    assert result.read_bytes() == before  # what was scored before is not lost
+
+    model = timm.create_model('mobilenetv4_conv_small', num_classes=1000)
+    torch.nn.init.zeros_(model.get_classifier().weight)
+    model.get_classifier().bias.data.copy_(bias().flip(0))  # other weights in the same file: nothing carries over
+    torch.save(model.state_dict(), weights)
+    assert set(scored(f'sketch={data / "sketch"}')) == {'sketch'}
+
+
 def test_two_processes_score_every_set_as_one_does(sets, suite, tmp_path):
     """Each rank scores its share of the images; ReaL's labels must follow the share, not the file order."""
     out = tmp_path / 'two.json'

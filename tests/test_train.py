@@ -181,6 +181,36 @@ def test_validate_evaluates_the_weights_a_file_holds_and_names_them_truly(tiny_r
         capsys.readouterr().err
 
 
+def test_another_split_gets_its_own_result_file_and_no_published_comparison(tiny_run, capsys):
+    ours = tiny_run / 'checkpoints' / 'last.pt'
+    published = ['--set', 'provenance.expected_top1=50']
+    assert validate_main([str(ours), *published]) == 0
+    assert validate_main([str(ours), *published, '--split', 'train']) == 0
+    printed = capsys.readouterr().out.splitlines()
+    val, train = (json.loads(ours.with_name(name).read_text())
+                  for name in ('last.eval-ema-32-1.json', 'last.eval-ema-32-1-train.json'))
+    assert (val['split'], val['count'], val['expected_top1']) == ('validation', 48, 50)
+    assert (train['split'], train['count']) == ('train', 128) and 'expected_top1' not in train
+    assert 'expected 50.000' in printed[1] and 'expected' not in printed[-2]
+
+
+@pytest.mark.parametrize('tool, argv, said', [
+    ('validate', ['x.pt', '--batch-size', '0'], 'validate.py: argument --batch-size: 0 is below 1'),
+    ('validate', ['x.pt', '--precise-bn', '-2'], 'validate.py: argument --precise-bn: -2 is below 0'),
+    ('validate', ['x.pt', '--img-size', '-5'], 'validate.py: argument --img-size: -5 is below 1'),
+    ('validate', ['x.pt', '--crop-pct', '0'], 'validate.py: argument --crop-pct: 0 is not in (0, 1]'),
+    ('average', ['run', '--top-k', '1', '--precise-bn', '-1'], 'argument --precise-bn: -1 is below 0'),
+    ('train', ['--recipe', 'tiny', '--global-batch', '0'], 'train.py: argument --global-batch: 0 is below 1'),
+    ('bench', ['--recipe', 'tiny', '--steps', 'ten'], "argument --steps: invalid whole_number value: 'ten'"),
+])
+def test_a_count_or_size_out_of_range_is_one_line_naming_the_flag(tool, argv, said, capsys):
+    from mnv_train import average, bench
+    main = {'validate': validate_main, 'average': average.main, 'train': train_main, 'bench': bench.main}[tool]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith('error: ') and error.rstrip().endswith(said) and error.count('\n') == 1
+
+
 @pytest.fixture(scope='module')
 def hybrid_large_checkpoint(tmp_path_factory):
     """An untrained mnv4_hybrid_large checkpoint whose recipe reads 2 synthetic validation images."""
