@@ -179,9 +179,13 @@ def build_run(recipe: Recipe, world: World, run_dir: Path, global_batch: Optiona
         data.make_shard_cache(recipe.data.local, world)
     train_source = data.open_source(recipe.data, recipe.data.train_split, train_cfg.seed)
     val_source = data.open_source(recipe.data, recipe.data.val_split, train_cfg.seed)
-    num_classes = recipe.model.num_classes or getattr(train_source, 'num_classes', None)
+    in_data = getattr(train_source, 'num_classes', None)
+    num_classes = recipe.model.num_classes or in_data
     if not num_classes:
         raise UserError(f'cannot tell the number of classes of {recipe.data.dataset}; set model.num_classes')
+    if in_data and num_classes < in_data:  # its labels would index past the logits at the first step
+        raise UserError(f'model.num_classes {num_classes} is below the {in_data} classes of the training data; '
+                        f'leave it out to take them from the data')
 
     module = build_model(recipe, num_classes, sync_bn=use_sync_bn(train_cfg.sync_bn, world))
     norm = data.resolve_normalization(recipe.data, module)

@@ -89,6 +89,11 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         refuse_to_overwrite(run_dir, mode)
         run = build_run(recipe, world, run_dir, args.global_batch, args.batch_size)
         payload = resume_run(run, mode, payload, resume_path, args.allow_recipe_change)
+        if args.max_steps and run.state.step >= args.max_steps:  # the same command line again: not one more step
+            run.metrics.close()
+            logs.summary(f'the run is at step {run.state.step}, already at --max-steps {args.max_steps}: nothing to '
+                         f'train; raise --max-steps, or leave it out, to go on')
+            return 0
         announce(run, fresh=payload is None)
         start_trackers(run, payload)
         try:

@@ -49,6 +49,9 @@ def _f(default, **bounds):
     return field(default=default, metadata=_range(**bounds))
 
 
+Interpolation = Literal['nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos']  # PIL's, by timm's names
+
+
 @dataclass
 class ModelConfig:
     name: str = 'mobilenetv4_conv_small'
@@ -83,7 +86,7 @@ class DataConfig:
     img_size: int = _f(224, ge=8)
     eval_img_size: Optional[int] = _f(None, ge=8)  # None: img_size
     crop_pct: float = _f(0.875, gt=0, le=1)  # eval center crop fraction
-    interpolation: str = 'bicubic'  # eval resize
+    interpolation: Interpolation = 'bicubic'  # eval resize
     extra_evals: list = _f([])  # more [img_size, crop_pct] pairs evaluated each epoch, e.g. [[448, 1.0]]
     mean: Optional[list] = None  # None: the model's pretrained config
     std: Optional[list] = None
@@ -118,7 +121,7 @@ class AugConfig:
     color_jitter: float = _f(0.0, ge=0)
     auto_augment: Optional[str] = None  # timm string, e.g. rand-m9-mstd0.5-inc1
     tf_randaugment: Optional[TFRandAugmentConfig] = None  # Google's RandAugment instead of timm's (the *_tf recipes)
-    train_interpolation: str = 'random'
+    train_interpolation: Literal[Interpolation, 'random'] = 'random'  # random: bilinear or bicubic per image
     reprob: float = _f(0.0, ge=0, le=1)  # random erasing, applied on the device
     remode: Literal['const', 'rand', 'pixel'] = 'pixel'
     recount: int = _f(1, ge=1)
@@ -368,16 +371,19 @@ def _build(cls, data: Any, path: str):
 
 
 def _check_consistency(recipe: Recipe):
-    for key in ('scale', 'ratio'):
+    for key in ('scale', 'ratio', 'cutmix_minmax'):
         pair = getattr(recipe.aug, key)
-        if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or pair[0] > pair[1]:
-            raise UserError(f'aug.{key}: expected [low, high] numbers, got {pair!r}')
+        if pair is not None and (len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair)
+                                 or not 0 < pair[0] <= pair[1]):
+            raise UserError(f'aug.{key}: expected [low, high] numbers with 0 < low <= high, got {pair!r}')
+    if recipe.aug.auto_augment:
+        _check_auto_augment(recipe.aug.auto_augment)
     for key in ('mean', 'std'):
         values = getattr(recipe.data, key)
         if values is not None and (len(values) != 3 or not all(isinstance(v, (int, float)) for v in values)):
             raise UserError(f'data.{key}: expected 3 numbers, got {values!r}')
-    if recipe.optim.betas is not None and (len(recipe.optim.betas) != 2
-                                           or not all(0 <= b < 1 for b in recipe.optim.betas)):
+    if recipe.optim.betas is not None and (len(recipe.optim.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in recipe.optim.betas)):
         raise UserError(f'optim.betas: expected two numbers in [0, 1), got {recipe.optim.betas!r}')
     for pair in recipe.data.extra_evals:
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], int)
@@ -465,17 +471,30 @@ def from_dict(data: dict) -> Recipe:
     return recipe
 
 
+def _check_auto_augment(policy: str):
+    """aug.auto_augment read by timm's own parser now, not when the first worker builds its transform."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    build = (rand_augment_transform if policy.startswith('rand') else augment_and_mix_transform
+             if policy.startswith('augmix') else auto_augment_transform)
+    try:
+        build(policy, {})
+    except (AssertionError, KeyError, ValueError) as e:
+        raise UserError(f'aug.auto_augment {policy!r} is not a policy timm reads ({e or type(e).__name__}); e.g. '
+                        f'rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original') from None
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 def resolve_path(name_or_path: str, relative_to: Optional[Path] = None) -> Path:
-    """`mnv4_hybrid_large` -> recipes/mnv4_hybrid_large.yaml; a path is taken as it is."""
+    """`mnv4_hybrid_large` -> recipes/mnv4_hybrid_large.yaml; a path is taken as it is. A base is looked for
+    beside the recipe naming it first, so that an edited copy of a shipped recipe there is the one inherited."""
     candidates = [Path(name_or_path)]
     if relative_to is not None:
         candidates.append(relative_to / name_or_path)
     if not name_or_path.endswith(('.yaml', '.yml')):
-        candidates += [RECIPES_DIR / f'{name_or_path}.yaml']
         if relative_to is not None:
             candidates.append(relative_to / f'{name_or_path}.yaml')
+        candidates += [RECIPES_DIR / f'{name_or_path}.yaml']
     for path in candidates:
         if path.is_file():
             return path

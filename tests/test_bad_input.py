@@ -346,6 +346,26 @@ def _(c):
     return Call(train_main, c.train(c.recipe(), '--global-batch', 'ten'), '--global-batch')
 
 
+@case(OVERRIDES, 'flag count below 1')
+def _(c):
+    return Call(train_main, c.train(c.recipe(), '--global-batch', '0'), ('--global-batch', '0 is below 1'))
+
+
+@pytest.mark.parametrize('key, value', [
+    ('data.interpolation', 'bicubix'), ('aug.train_interpolation', 'bilinearx'), ('aug.auto_augment', 'foo'),
+    ('aug.cutmix_minmax', '[0.2]'), ('optim.betas', '[0.9, x]'), ('aug.ratio', '[0, 1]')])
+def test_a_value_that_only_timm_would_have_refused_is_refused_at_load_in_one_line(key, value, ctx, capfd):
+    """Each of these went through the schema and stopped the run with timm's traceback (or, aug.ratio, had every
+    image skipped as unreadable)."""
+    expect_one_line_error(capfd, Call(train_main, ctx.train(ctx.recipe(), '--set', f'{key}={value}'), key))
+
+
+def test_fewer_model_classes_than_the_data_has_is_refused_before_training(ctx, capfd):
+    expect_one_line_error(capfd, Call(train_main, ctx.train(ctx.recipe(), '--set', 'model.num_classes=3'),
+                                      ('model.num_classes 3', '4 classes')))
+    assert not (ctx.tmp / 'out' / 'checkpoints').exists()
+
+
 @pytest.mark.parametrize('build', OVERRIDES)
 def test_a_bad_override_is_refused_in_one_line_naming_it(build, ctx, capfd):
     expect_one_line_error(capfd, build(ctx))

@@ -61,6 +61,15 @@ def test_base_inheritance_merges_sections(tmp_path):
     assert recipe.data.img_size == TINY['data']['img_size']
 
 
+def test_a_base_beside_the_recipe_comes_before_the_shipped_one_of_that_name(tmp_path):
+    shipped = recipes.load('mnv4_conv_small_tf')
+    copy = recipes.load_raw(str(recipes.RECIPES_DIR / 'mnv4_conv_small_tf.yaml'))
+    (tmp_path / 'mnv4_conv_small_tf.yaml').write_text(yaml.safe_dump(merge(copy, {'optim': {'lr': 0.0005}})))
+    (tmp_path / 'mine.yaml').write_text('base: mnv4_conv_small_tf\n')
+    assert shipped.optim.lr != 0.0005
+    assert recipes.load(str(tmp_path / 'mine.yaml')).optim.lr == 0.0005  # the edited copy beside it
+
+
 def test_base_chain_loop_is_an_error(tmp_path):
     (tmp_path / 'a.yaml').write_text('base: b\n')
     (tmp_path / 'b.yaml').write_text('base: a\n')

@@ -79,11 +79,16 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_cleanly(reference, tmp_p
     assert_same_training_state(weights(out), expected)
 
 
-def test_max_steps_slices_a_run_and_resume_from_an_epoch_end_matches(reference, tmp_path):
+def test_max_steps_slices_a_run_and_resume_from_an_epoch_end_matches(reference, tmp_path, capsys):
     recipe, expected = reference(0)
     out = tmp_path / 'sliced'
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--max-steps', '8']) == 0
     assert weights(out)['state']['step'] == 8
+    capsys.readouterr()
+    # the same command line again (a job script resubmitted): it says so and trains nothing, not one step more
+    again = ['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto', '--max-steps', '8']
+    assert train_main(again) == 0 and weights(out)['state']['step'] == 8
+    assert 'the run is at step 8, already at --max-steps 8: nothing to train' in capsys.readouterr().out
     assert train_main(['--recipe', str(recipe), '--output', str(out), '--quiet', '--resume', 'auto']) == 0
     assert_same_training_state(weights(out), expected)
 
