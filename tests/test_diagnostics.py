@@ -230,9 +230,10 @@ def test_validate_says_how_many_images_had_wild_logits_and_their_share_of_the_lo
     from types import SimpleNamespace
 
     from mnv_train.cli import report_validation
+    from mnv_train.evaluation import EvalSetting
     recipe = SimpleNamespace(model=SimpleNamespace(name='tiny'), data=SimpleNamespace(val_split='val', dataset='x'))
     weights = SimpleNamespace(recipe=recipe, path=tmp_path / 'last.pt', kind='ema')
-    setting = SimpleNamespace(img_size=64, crop_pct=1.0, crop_source='recipe', expected_top1=None)
+    setting = EvalSetting(img_size=64, crop_pct=1.0, crop_source='recipe', expected_top1=None)
     for wild, wild_loss in ((23, 36.56), (0, 0.0)):
         result = {'top1': 92.1, 'top5': 99.56, 'loss': 36.85 if wild else 0.29, 'count': 10000, 'wild_logits': wild,
                   'wild_loss': wild_loss}
