@@ -159,6 +159,8 @@ def read_weights(path: Path, needs: tuple = ('model',)) -> StoredWeights:
     timm/torch .pth file (weights only) or a .safetensors file; an mnv-train checkpoint copied without its manifest
     is read as a plain file, with a warning that nothing checked it."""
     path = Path(path)
+    if path.is_dir():  # '.' has no name to put a manifest's beside
+        raise UserError(f'{path} is a folder: give a checkpoint file in it (e.g. checkpoints/last.pt)')
     if manifest_path(path).is_file():
         payload, manifest = load(path, needs), read_manifest(path)
         if (manifest.get('averaged') or {}).get('weights') == 'ema':  # mnv_train.average keeps them as its model

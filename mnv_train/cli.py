@@ -336,6 +336,8 @@ def validate_main(argv: Optional[list[str]] = None) -> int:
     """Evaluate a checkpoint."""
     args = validate_parser().parse_args(argv)
     if args.json:  # before the evaluation, which may take long, rather than after it
+        if Path(args.json).is_dir():
+            raise UserError(f'--json {args.json} is a folder: give the path of the file to write')
         check_creatable(Path(args.json).parent, 'the folder of --json')
     suite = validation_suite(args.suite, args.data_root, args.sets)
     weights = load_weights(Path(args.checkpoint), args.weights, args.recipe,

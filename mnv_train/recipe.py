@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
 from .errors import UserError
 
@@ -473,7 +474,6 @@ def from_dict(data: dict) -> Recipe:
 
 def _check_auto_augment(policy: str):
     """aug.auto_augment read by timm's own parser now, not when the first worker builds its transform."""
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
     build = (rand_augment_transform if policy.startswith('rand') else augment_and_mix_transform
              if policy.startswith('augmix') else auto_augment_transform)
     try:

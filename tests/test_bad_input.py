@@ -511,6 +511,13 @@ def _(c):
     return Call(preresize.main, [source, blocker / 'small', '--shorter-side', '16', '--workers', '1'], str(blocker))
 
 
+@case(OUTPUTS, 'validate --json naming a folder')
+def _(c):
+    folder = c.tmp / 'results'
+    folder.mkdir()
+    return Call(validate_main, [c.checkpoint(), '--json', folder], ('--json', str(folder), 'is a folder'))
+
+
 @pytest.mark.parametrize('build', OUTPUTS)
 def test_an_output_that_cannot_be_written_is_refused_in_one_line_and_keeps_what_is_there(build, ctx, capfd):
     call = build(ctx)
@@ -533,6 +540,11 @@ class CodePayload:
 
     def __reduce__(self):
         return os.system, (f'touch {self.marker}',)
+
+
+@case(CHECKPOINTS, 'validate given the current folder')
+def _(c):
+    return Call(validate_main, ['.'], '. is a folder')
 
 
 def truncated(c) -> Path:
