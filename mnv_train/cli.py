@@ -444,9 +444,9 @@ def earlier_suite_rows(path: Path, sha256: str) -> list[dict]:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    sets = earlier.get('sets') if isinstance(earlier, dict) and earlier.get('sha256') == sha256 else None
-    return [row for row in sets if isinstance(row, dict) and row.get('set') in BY_NAME] if isinstance(sets, list) \
-        else []
+    if not isinstance(earlier, dict) or earlier.get('sha256') != sha256 or not isinstance(earlier.get('sets'), list):
+        return []
+    return [row for row in earlier['sets'] if isinstance(row, dict) and row.get('set') in BY_NAME]
 
 
 def write_result(out: Path, result: dict) -> bool:
