@@ -126,6 +126,20 @@ def release_info(weights: Weights, sha256: str, stem: str, num_classes: int, nor
             'checks': checks}
 
 
+def earlier_checks(path: Path, sha256: str) -> Optional[dict]:
+    """The checks that the release JSON at path records for formats still beside it, when it is this release's
+    (same weights): a format added later keeps them. {} when there is no JSON, None when it is not this release's."""
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+        if info['sha256'] != sha256:
+            return None
+        return {kind: check for kind, check in info['checks'].items() if (path.parent / check['file']).is_file()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # edited by hand, or not a release
+        return None
+
+
 @guarded
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
@@ -140,10 +154,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     sha256 = hashlib.sha256(release).hexdigest()
     stem = f'{recipe.name}-{weights.kind}-{sha256[:8]}'
     files = {f'{stem}.safetensors': release, f'{stem}.yaml': recipe.to_yaml().encode()}
-    suffixes = ['.json'] + ['.onnx'] * args.onnx + ['.torchscript.pt'] * args.torchscript
-    existing = [out / name for name in list(files) + [stem + suffix for suffix in suffixes] if (out / name).exists()]
-    if existing and not args.force:
-        raise UserError(f'{existing[0]} already exists; pass --force to overwrite the release files')
+    formats = [stem + suffix for suffix in ['.onnx'] * args.onnx + ['.torchscript.pt'] * args.torchscript]
+    earlier = earlier_checks(out / f'{stem}.json', sha256)
+    clashes = [out / name for name in formats if (out / name).exists()]
+    clashes += [out / name for name, content in files.items() if (out / name).exists()
+                and (out / name).read_bytes() != content]
+    if (out / f'{stem}.json').exists() and (earlier is None or not formats):  # not ours, or nothing to add
+        clashes.append(out / f'{stem}.json')
+    if clashes and not args.force:
+        raise UserError(f'{clashes[0]} already exists; pass --force to overwrite the release files')
     check_creatable(out, 'the release folder')  # before the work; made only when every check has passed
 
     source = data.open_source(recipe.data, recipe.data.val_split, recipe.train.seed)
@@ -157,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         exported, checks = checked_exports(module, check_images(recipe, source, norm, args.check_images), exporters,
                                            args.tolerance)
         files.update(exported)
-    info = release_info(weights, sha256, stem, num_classes, norm, checks)
+    info = release_info(weights, sha256, stem, num_classes, norm, {**(earlier or {}), **checks})
     files[f'{stem}.json'] = json.dumps(info, indent=1).encode()
     make_folder(out, 'the release folder')
     for name, content in files.items():

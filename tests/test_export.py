@@ -92,6 +92,24 @@ def test_existing_release_files_are_kept_unless_forced(trained, tmp_path):
     assert release_files(out) == first
 
 
+def test_a_format_added_to_a_release_later_keeps_the_check_of_the_one_before(trained, tmp_path, capsys):
+    out = tmp_path / 'release'
+    assert export.main([str(trained), '--output', str(out), '--torchscript', '--check-images', '2']) == 0
+    first = release_files(out)
+    assert export.main([str(trained), '--output', str(out), '--onnx', '--check-images', '2']) == 0
+    now = release_files(out)
+    info = json.loads(next(content for name, content in now.items() if name.endswith('.json')))
+    assert set(info['checks']) == {'torchscript', 'onnx'}
+    assert info['checks']['torchscript'] == json.loads(
+        next(content for name, content in first.items() if name.endswith('.json')))['checks']['torchscript']
+    assert {name: now[name] for name in first if not name.endswith('.json')} == {
+        name: content for name, content in first.items() if not name.endswith('.json')}  # the rest as it was
+    capsys.readouterr()
+    assert export.main([str(trained), '--output', str(out), '--onnx']) == 2  # that one is there already
+    assert 'onnx already exists; pass --force' in capsys.readouterr().err
+    assert release_files(out) == now
+
+
 def test_a_checkpoint_without_manifest_or_ema_is_refused(trained, tmp_path, capsys):
     plain = tmp_path / 'plain.pt'
     plain.write_bytes(trained.read_bytes())
